@@ -1,0 +1,80 @@
+"""Shared pieces of every source reader: the report, the DuckDB connection, errors.
+
+A reader turns one source (an Amazon dump, an interactions file, a released split)
+into three parquet files in an output folder, all with the schemas of
+:mod:`cdsr_pipeline.data.schema`:
+
+- ``interactions.parquet`` (``INTERACTIONS``): one row per kept interaction;
+- ``items.parquet`` (``SOURCE_ITEMS``): one row per item with its text and image reference;
+- ``quarantine.parquet`` (``QUARANTINE``): every rejected record with the file, line,
+  reason and raw text (possibly empty, never absent).
+
+and returns an :class:`IngestReport`. Nothing is dropped silently: a record is either
+in ``interactions``/``items`` or in ``quarantine``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+
+INTERACTIONS_FILE = "interactions.parquet"
+ITEMS_FILE = "items.parquet"
+QUARANTINE_FILE = "quarantine.parquet"
+
+
+class SourceError(ValueError):
+    """A source cannot be read at all (missing file, unknown format): one clear line."""
+
+
+@dataclass
+class IngestReport:
+    """What a reader read, kept and rejected."""
+
+    format: str
+    files: list[str]
+    domain_names: tuple[str, str]
+    lines_read: int = 0
+    interactions: int = 0
+    items: int = 0
+    quarantined: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def quarantined_total(self) -> int:
+        return sum(self.quarantined.values())
+
+    @property
+    def quarantine_share(self) -> float:
+        return self.quarantined_total / self.lines_read if self.lines_read else 0.0
+
+
+def require_file(path: str | os.PathLike[str], what: str) -> Path:
+    """``path`` as a Path, or a one-line :class:`SourceError` naming it."""
+    resolved = Path(path)
+    if not resolved.is_file():
+        raise SourceError(f"{what} not found: {resolved}")
+    return resolved
+
+
+def connect(temp_dir: str | os.PathLike[str] | None = None, memory_limit: str = "4GB") -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with bounded memory that spills to ``temp_dir``.
+
+    Bounded memory is what lets a tens-of-millions-row dump stream through on a
+    small machine: DuckDB spills sorts, joins and aggregations to disk instead.
+    """
+    con = duckdb.connect(":memory:")
+    con.execute(f"SET memory_limit = '{memory_limit}'")
+    con.execute("SET preserve_insertion_order = true")
+    if temp_dir is not None:
+        Path(temp_dir).mkdir(parents=True, exist_ok=True)
+        con.execute(f"SET temp_directory = '{Path(temp_dir).as_posix()}'")
+    return con
+
+
+def sql_str(value: str | os.PathLike[str]) -> str:
+    """A SQL string literal (for file paths in DuckDB table functions)."""
+    return "'" + str(value).replace("'", "''") + "'"

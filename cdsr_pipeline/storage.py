@@ -1,0 +1,274 @@
+"""Artifact store: atomic writes, per-asset manifests and input fingerprints.
+
+Every pipeline stage writes its outputs into ``<root>/artifacts/<asset>/`` together
+with a ``manifest.json`` that records the fingerprint of what it was computed from
+(code version, config, the data versions of its inputs) and the data version of what
+it produced (a hash of the output files). A stage whose fingerprint is unchanged
+reuses its outputs and reports the same data version; this is what makes reruns cheap
+even when Dagster itself keeps no history (``dagster asset materialize`` without a
+``DAGSTER_HOME``) or fires on unchanged upstream runs.
+
+Nothing here imports Dagster: the store is usable from scripts, tests and the CLI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MANIFEST_NAME = "manifest.json"
+_HASH_CHUNK = 1 << 20
+
+
+def default_storage_root() -> Path:
+    """``$CDSR_STORAGE``, else the project's ``storage/`` (editable install), else ``./storage``."""
+    env = os.environ.get("CDSR_STORAGE")
+    if env:
+        return Path(env).expanduser().resolve()
+    repo = Path(__file__).resolve().parents[1]
+    if (repo / "pyproject.toml").is_file() and (repo / "cdsr_pipeline").is_dir():
+        return repo / "storage"
+    return (Path.cwd() / "storage").resolve()
+
+
+def stable_hash(obj: Any) -> str:
+    """sha256 of the canonical JSON form of ``obj`` (dict keys sorted)."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class FileHashCache:
+    """Content hashes of input files, recomputed only when size or mtime change.
+
+    Raw Amazon dumps are gigabytes; hashing them on every run would cost more than
+    the skip saves. The cache is a small JSON file written atomically.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()
+
+    def _load(self) -> dict[str, dict[str, Any]]:
+        try:
+            return json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def file_hash(self, file: str | os.PathLike[str]) -> str:
+        resolved = Path(file).resolve()
+        stat = resolved.stat()
+        key = str(resolved)
+        with self._lock:
+            entries = self._load()
+            hit = entries.get(key)
+            if hit and hit["size"] == stat.st_size and hit["mtime_ns"] == stat.st_mtime_ns:
+                return hit["sha256"]
+            digest = sha256_file(resolved)
+            entries[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+            atomic_write_text(self.path, json.dumps(entries, indent=1, sort_keys=True))
+            return digest
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_parquet_atomic(table: pa.Table, path: str | os.PathLike[str], **kwargs: Any) -> None:
+    """``pyarrow.parquet.write_table`` through a temporary file and ``os.replace``."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp, compression=kwargs.pop("compression", "zstd"), **kwargs)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass
+class Manifest:
+    """What an asset's outputs were computed from, and what they are."""
+
+    asset: str
+    code_version: str
+    fingerprint: str
+    data_version: str
+    files: dict[str, dict[str, Any]]
+    inputs: dict[str, str] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    created_at: str = ""
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        return cls(**json.loads(text))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True, default=str)
+
+
+def input_fingerprint(code_version: str, config: Mapping[str, Any], inputs: Mapping[str, str]) -> str:
+    """The identity of a stage run: same code, same config, same input data => same output."""
+    return stable_hash({"code_version": code_version, "config": dict(config), "inputs": dict(inputs)})
+
+
+class MissingArtifactError(RuntimeError):
+    """An upstream stage has not been materialized into this storage root yet."""
+
+
+class ArtifactStore:
+    """Folders of artifacts under ``root/artifacts``; caches under ``root/cache``."""
+
+    def __init__(self, root: str | os.PathLike[str] | None = None):
+        self.root = Path(root).resolve() if root else default_storage_root()
+
+    # -- layout ---------------------------------------------------------------
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "artifacts"
+
+    def asset_dir(self, asset: str) -> Path:
+        return self.artifacts / asset
+
+    def path(self, asset: str, name: str) -> Path:
+        """Path of one output file of an asset (it may not exist yet)."""
+        return self.asset_dir(asset) / name
+
+    def cache_dir(self, name: str) -> Path:
+        path = self.root / "cache" / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def file_hashes(self) -> FileHashCache:
+        return FileHashCache(self.root / "cache" / "file_hashes.json")
+
+    # -- manifests ------------------------------------------------------------
+    def read_manifest(self, asset: str) -> Manifest | None:
+        try:
+            return Manifest.from_json((self.asset_dir(asset) / MANIFEST_NAME).read_text())
+        except FileNotFoundError:
+            return None
+
+    def require(self, asset: str) -> Manifest:
+        """The manifest of an upstream asset, or a clear error saying how to produce it."""
+        manifest = self.read_manifest(asset)
+        if manifest is None or not self._files_intact(asset, manifest):
+            raise MissingArtifactError(
+                f"asset '{asset}' has no complete output under {self.asset_dir(asset)}; "
+                f"materialize it first (cdsr run --select {asset})"
+            )
+        return manifest
+
+    def _files_intact(self, asset: str, manifest: Manifest) -> bool:
+        folder = self.asset_dir(asset)
+        for name, info in manifest.files.items():
+            file = folder / name
+            if not file.is_file() or file.stat().st_size != info["bytes"]:
+                return False
+        return True
+
+    def cached(self, asset: str, fingerprint: str) -> Manifest | None:
+        """The existing manifest if it was computed from exactly this fingerprint."""
+        manifest = self.read_manifest(asset)
+        if manifest and manifest.fingerprint == fingerprint and self._files_intact(asset, manifest):
+            return manifest
+        return None
+
+    # -- publishing -----------------------------------------------------------
+    @contextlib.contextmanager
+    def staging(self, asset: str) -> Iterator[Path]:
+        """A fresh folder to write a new version of ``asset`` into; removed on failure."""
+        staging_root = self.artifacts / ".staging"
+        staging_root.mkdir(parents=True, exist_ok=True)
+        folder = staging_root / f"{asset}-{uuid.uuid4().hex[:12]}"
+        folder.mkdir()
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def commit(
+        self,
+        asset: str,
+        staged: Path,
+        *,
+        code_version: str,
+        fingerprint: str,
+        inputs: Mapping[str, str],
+        config: Mapping[str, Any],
+        metadata: Mapping[str, Any],
+    ) -> Manifest:
+        """Hash the staged files, write the manifest and swap the folder into place."""
+        files = {}
+        for file in sorted(p for p in staged.rglob("*") if p.is_file()):
+            rel = file.relative_to(staged).as_posix()
+            files[rel] = {"sha256": sha256_file(file), "bytes": file.stat().st_size}
+        manifest = Manifest(
+            asset=asset,
+            code_version=code_version,
+            fingerprint=fingerprint,
+            data_version=stable_hash({k: v["sha256"] for k, v in files.items()})[:24],
+            files=files,
+            inputs=dict(inputs),
+            config=dict(config),
+            metadata=_jsonable(metadata),
+            created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        )
+        atomic_write_text(staged / MANIFEST_NAME, manifest.to_json())
+        final = self.asset_dir(asset)
+        trash = self.artifacts / ".trash" / f"{asset}-{uuid.uuid4().hex[:12]}"
+        trash.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():
+            os.replace(final, trash)
+        os.replace(staged, final)
+        shutil.rmtree(trash, ignore_errors=True)
+        staged.mkdir()  # the staging context removes it again
+        return manifest
+
+
+def _jsonable(value: Any) -> Any:
+    """Metadata as plain JSON (numbers, strings, lists, dicts)."""
+    return json.loads(json.dumps(value, default=str))
