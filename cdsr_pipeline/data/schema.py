@@ -75,6 +75,8 @@ SOURCE_ITEMS = pa.schema(
         pa.field("image_ref", pa.string()),
         # The release's own global id (kept exactly); null for raw dumps.
         pa.field("given_id", pa.int64()),
+        # Public identifier (ASIN) when ``item`` is something else (a release's id).
+        pa.field("source_id", pa.string()),
     ]
 )
 
