@@ -5,21 +5,17 @@ from __future__ import annotations
 import dagster as dg
 
 from .assets import ingest
+from .automation import full_pipeline, nightly_rerun, raw_source_changed
 from .resources import DatasetSource, StorageResource
 
-all_assets = dg.load_assets_from_modules([ingest])
-all_checks = dg.load_asset_checks_from_modules([ingest])
-
-full_pipeline = dg.define_asset_job(
-    "cdsr_full_pipeline",
-    selection=dg.AssetSelection.all(),
-    description="Every stage, from the raw source to the evaluation report. Unchanged stages reuse their artifacts.",
-)
+stage_modules = [ingest]
 
 defs = dg.Definitions(
-    assets=all_assets,
-    asset_checks=all_checks,
+    assets=dg.load_assets_from_modules(stage_modules),
+    asset_checks=dg.load_asset_checks_from_modules(stage_modules),
     jobs=[full_pipeline],
+    sensors=[raw_source_changed],
+    schedules=[nightly_rerun],
     resources={
         "storage": StorageResource(),
         "source": DatasetSource(),
