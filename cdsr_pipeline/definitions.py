@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dagster as dg
 
-from .assets import ingest
+from .assets import features, ingest
 from .automation import full_pipeline, nightly_rerun, raw_source_changed
-from .resources import DatasetSource, StorageResource
+from .resources import DatasetSource, ImageEncoderResource, StorageResource, TextEncoderResource
 
-stage_modules = [ingest]
+stage_modules = [ingest, features]
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules(stage_modules),
@@ -19,5 +19,7 @@ defs = dg.Definitions(
     resources={
         "storage": StorageResource(),
         "source": DatasetSource(),
+        "text_encoder": TextEncoderResource(),
+        "image_encoder": ImageEncoderResource(),
     },
 )

@@ -44,3 +44,58 @@ class DatasetSource(dg.ConfigurableResource):
             domains=tuple(self.domains) if self.domains else None,
             items_path=self.items_path,
         )
+
+
+class _EncoderResource(dg.ConfigurableResource):
+    """A frozen encoder (see ``features/encoders.py``); built only when a stage has work to do."""
+
+    backend: str
+    model: Optional[str] = Field(default=None, description="open_clip architecture, or a local sentence-transformers folder.")
+    pretrained: Optional[str] = Field(
+        default=None, description="open_clip: pretrained tag (downloaded once, cached) or a local checkpoint file."
+    )
+    device: Optional[str] = Field(default=None, description="cuda / cpu; empty: CUDA when present.")
+    batch_size: int = Field(default=64, description="Items per forward pass.")
+
+    def spec(self):
+        from .features.encoders import EncoderSpec
+
+        return EncoderSpec(
+            backend=self.backend,
+            model=self.model,
+            pretrained=self.pretrained,
+            device=self.device,
+            batch_size=self.batch_size,
+        )
+
+    def fingerprint(self, store: ArtifactStore) -> str:
+        """What determines the vectors: backend, model and weights (by content hash where local).
+
+        Device and batch size do not change the output and are left out.
+        """
+        from pathlib import Path
+
+        from .features.encoders import folder_sha256
+        from .storage import stable_hash
+
+        spec = self.spec().resolved()
+        identity = {"backend": spec.backend, "model": spec.model, "pretrained": spec.pretrained}
+        for key in ("model", "pretrained"):
+            value = identity[key]
+            if value and Path(value).expanduser().is_file():
+                identity[key] = "sha256:" + store.file_hashes.file_hash(Path(value).expanduser())
+            elif value and Path(value).expanduser().is_dir():
+                identity[key] = "sha256:" + folder_sha256(Path(value).expanduser())
+        return stable_hash(identity)
+
+
+class TextEncoderResource(_EncoderResource):
+    """Text encoder for E_tex and E_llm. Default: the bundled MiniLM (offline); CLIP: backend open_clip."""
+
+    backend: str = Field(default="sentence_transformers", description="sentence_transformers or open_clip.")
+
+
+class ImageEncoderResource(_EncoderResource):
+    """Image encoder for E_img: open_clip ViT-B-32 (LAION-2B) by default; loaded only if items have images."""
+
+    backend: str = Field(default="open_clip", description="open_clip (the only backend with images).")

@@ -1,0 +1,133 @@
+"""Stage 2: frozen item features (text and image embeddings) as parquet keyed by item id."""
+
+import dagster as dg
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from ..features.embeddings import absent_embeddings, encode_item_images, encode_item_texts
+from ..features.encoders import load_image_encoder, load_text_encoder
+from ..features.images import ImageFetchConfig, ImageFetcher
+from ..resources import ImageEncoderResource, StorageResource, TextEncoderResource
+from ..storage import write_parquet_atomic
+from ._stage import run_stage
+
+EMBEDDINGS_FILE = "embeddings.parquet"
+ISSUES_FILE = "image_issues.parquet"
+
+
+@dg.asset(
+    deps=["cdsr_sequences"],
+    group_name="features",
+    code_version="1",
+    kinds={"pytorch", "parquet"},
+    description="E_tex: frozen text embedding of each item's title (+ description); present=false where an item has no text.",
+)
+def item_text_embeddings(
+    context: dg.AssetExecutionContext, storage: StorageResource, text_encoder: TextEncoderResource
+) -> dg.MaterializeResult:
+    store = storage.store()
+
+    def build(folder):
+        items = pq.read_table(store.path("cdsr_sequences", "items.parquet"))
+        encoder = load_text_encoder(text_encoder.spec())
+        table, stats = encode_item_texts(items, encoder, store.cache_dir("features"))
+        write_parquet_atomic(table, folder / EMBEDDINGS_FILE)
+        return stats.as_metadata()
+
+    return run_stage(context, store, build=build, extra_inputs={"text_encoder": text_encoder.fingerprint(store)})
+
+
+class ImageFetchSettings(dg.Config):
+    """Limits for fetching item images (URLs are cached by content; see features/images.py)."""
+
+    max_bytes: int = Field(default=16 * 1024 * 1024, description="Largest accepted image file.")
+    max_pixels: int = Field(default=25_000_000, description="Largest accepted width x height (decompression bombs).")
+    timeout_s: float = Field(default=20.0, description="Limit for one HTTP request.")
+    retries: int = Field(default=2, description="Further attempts after a transient failure.")
+    concurrency: int = Field(default=8, description="Downloads in flight at once.")
+    retry_rejected: bool = Field(default=False, description="Fetch again images an earlier run rejected.")
+
+    def fetch_config(self) -> ImageFetchConfig:
+        return ImageFetchConfig(**self.model_dump())
+
+
+@dg.asset(
+    deps=["cdsr_sequences"],
+    group_name="features",
+    code_version="1",
+    kinds={"pytorch", "parquet"},
+    description="E_img: frozen CLIP image embedding of each item's image; present=false where an item has no usable image.",
+)
+def item_image_embeddings(
+    context: dg.AssetExecutionContext,
+    config: ImageFetchSettings,
+    storage: StorageResource,
+    image_encoder: ImageEncoderResource,
+) -> dg.MaterializeResult:
+    store = storage.store()
+    previous = store.read_manifest("item_image_embeddings")
+    extra = {"image_encoder": image_encoder.fingerprint(store)}
+    # Network failures are worth another try on the next run even when nothing else changed.
+    if previous and previous.metadata.get("failed_fetches"):
+        extra["retry_failed_fetches_after"] = previous.created_at
+
+    def build(folder):
+        items = pq.read_table(store.path("cdsr_sequences", "items.parquet"))
+        refs = pc.utf8_trim_whitespace(pc.fill_null(items["image_ref"], ""))
+        if not pc.any(pc.not_equal(refs, "")).as_py():
+            # Nothing to encode: don't load (or download) an image model for it.
+            context.log.info("no item has an image reference: image features are absent for this dataset")
+            write_parquet_atomic(absent_embeddings(items["item_id"].to_pylist()), folder / EMBEDDINGS_FILE)
+            return {
+                "rows": items.num_rows,
+                "present": 0,
+                "coverage": 0.0,
+                "missing": {"no_image_ref": items.num_rows},
+                "failed_fetches": 0,
+                "note": "no image references in this dataset: image features absent",
+            }
+        encoder = load_image_encoder(image_encoder.spec())
+        with ImageFetcher(store.cache_dir("features"), config.fetch_config()) as fetcher:
+            table, stats = encode_item_images(items, encoder, fetcher, store.cache_dir("features"))
+        write_parquet_atomic(table, folder / EMBEDDINGS_FILE)
+        write_parquet_atomic(stats.issues, folder / ISSUES_FILE)
+        failed = sum(count for reason, count in stats.missing.items() if reason.startswith("failed:"))
+        return stats.as_metadata() | {"failed_fetches": failed}
+
+    return run_stage(context, store, build=build, config=config.model_dump(), extra_inputs=extra)
+
+
+def embeddings_check(store, asset: str) -> dg.AssetCheckResult:
+    """One row per item, in id order; a vector exactly where present; unit-norm vectors."""
+    table = pq.read_table(store.path(asset, EMBEDDINGS_FILE))
+    n_items = pq.read_metadata(store.path("cdsr_sequences", "items.parquet")).num_rows
+    ids = table["item_id"].to_numpy()
+    present = table["present"].to_numpy(zero_copy_only=False)
+    valid = table["embedding"].is_valid().to_numpy(zero_copy_only=False)
+    problems = []
+    if len(ids) != n_items or not np.array_equal(ids, np.arange(n_items)):
+        problems.append(f"rows are not item ids 0..{n_items - 1}")
+    if not np.array_equal(present, valid):
+        problems.append(f"{int((present != valid).sum())} rows where present disagrees with the vector")
+    if valid.any():
+        vectors = np.stack(table.filter(table["present"])["embedding"].to_numpy(zero_copy_only=False))
+        norms = np.linalg.norm(vectors, axis=1)
+        if not np.allclose(norms, 1.0, atol=1e-3):
+            problems.append(f"{int((np.abs(norms - 1) > 1e-3).sum())} vectors are not unit norm")
+    return dg.AssetCheckResult(
+        passed=not problems,
+        metadata={"rows": len(ids), "present": int(present.sum()), "coverage": float(present.mean()) if len(ids) else 0.0,
+                  "problems": dg.MetadataValue.json(problems)},
+    )
+
+
+@dg.asset_check(asset=item_text_embeddings, description="Aligned with item ids; vectors exactly where present; unit norm.")
+def text_embeddings_aligned(storage: StorageResource) -> dg.AssetCheckResult:
+    return embeddings_check(storage.store(), "item_text_embeddings")
+
+
+@dg.asset_check(asset=item_image_embeddings, description="Aligned with item ids; vectors exactly where present; unit norm.")
+def image_embeddings_aligned(storage: StorageResource) -> dg.AssetCheckResult:
+    return embeddings_check(storage.store(), "item_image_embeddings")
