@@ -131,7 +131,7 @@ def _tiny_c2dsr(folder: Path, with_titles: bool) -> None:
     (folder / "testdata_new.txt").write_text("1\t7\t1|10|d|\t3|20|d|\t4|30|d|\n0\t8\tx|1|d|\t1|2|d|\n")
     if with_titles:
         (folder / "items_with_titles.tsv").write_text(
-            "domain\tlocal_id\tglobal_id\torig_id\tasin\ttitle_from_LLMCDSR\nA\t0\t0\t10\tASIN_A0\tOat milk\nB\t1\t4\t21\tASIN_B1\t\n"
+            "domain\tlocal_id\tglobal_id\torig_id\tasin\ttitle_from_LLMCDSR\nA\t0\t0\t10\tASIN_A0\tOat  milk &amp; honey\nB\t1\t4\t21\tASIN_B1\t\n"
         )
 
 
@@ -150,7 +150,7 @@ def test_c2dsr_sorting_target_domain_and_missing_train(tmp_path):
     assert (stats["domains"]["A"]["valid"], stats["domains"]["B"]["valid"]) == (1, 1)
     items = pl.read_parquet(tmp_path / "seq" / "items.parquet")
     assert items["source_id"].to_list() == ["ASIN_A0", "ASIN_A1", "ASIN_A2", "ASIN_B0", "ASIN_B1"]
-    assert items["title"].to_list() == ["Oat milk", None, None, None, None]
+    assert items["title"].to_list() == ["Oat milk & honey", None, None, None, None]  # entities decoded, spaces collapsed
 
 
 def test_c2dsr_without_optional_files(tmp_path):

@@ -19,6 +19,7 @@ is processed with bounded memory.
 
 from __future__ import annotations
 
+import html
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -129,11 +130,22 @@ def _target_domain(split: str, n_a: int) -> pl.Expr:
     return pl.when(pl.col("sequence").list.last() < n_a).then(pl.lit("A")).otherwise(pl.lit("B")).alias("target_domain")
 
 
+def _clean_text(column: str) -> pl.Expr:
+    """HTML entities decoded (Amazon titles carry ``&amp;``), whitespace collapsed, blank -> null."""
+    text = pl.col(column).map_elements(html.unescape, return_dtype=pl.String)
+    text = text.str.replace_all(r"\s+", " ").str.strip_chars()
+    return pl.when(text == "").then(None).otherwise(text).alias(column)
+
+
 def _read_source_items(source_dir: Path) -> pl.DataFrame:
     items = pl.read_parquet(source_dir / ITEMS_FILE)
     if "source_id" not in items.columns:
         items = items.with_columns(pl.lit(None, dtype=pl.String).alias("source_id"))
-    return items.with_columns(pl.coalesce(pl.col("source_id"), pl.col("item")).alias("source_id"))
+    return items.with_columns(
+        pl.coalesce(pl.col("source_id"), pl.col("item")).alias("source_id"),
+        _clean_text("title"),
+        _clean_text("description"),
+    )
 
 
 # -- released splits -------------------------------------------------------------
