@@ -90,7 +90,7 @@ class SequencesConfig(dg.Config):
 @dg.asset(
     deps=[raw_interactions],
     group_name="ingest",
-    code_version="1",
+    code_version="2",
     kinds={"duckdb", "parquet"},
     description="Users active in both domains, filtered and split chronologically; global item ids "
     "(domain A first); items, train/valid/test sequences and the Table 1 statistics.",
