@@ -71,13 +71,13 @@ def _with_code_version(asset: dg.AssetsDefinition, version: str) -> dg.AssetsDef
 
 def test_changed_code_version_reruns_it_and_identical_output_stops_propagation(first_run):
     storage, source, first = first_run
-    second = _materialize([_with_code_version(raw_interactions, "2"), cdsr_sequences], storage, source)
+    second = _materialize([_with_code_version(raw_interactions, "bumped"), cdsr_sequences], storage, source)
     assert not second["raw_interactions"]["reused"]
     # Same bytes out => same data version => downstream fingerprint unchanged => reused.
     assert second["raw_interactions"]["data_version"] == first["raw_interactions"]["data_version"]
     assert second["cdsr_sequences"]["reused"]
-    third = _materialize([raw_interactions, _with_code_version(cdsr_sequences, "2")], storage, source)
-    assert not third["raw_interactions"]["reused"]  # back to code version 1: a different fingerprint
+    third = _materialize([raw_interactions, _with_code_version(cdsr_sequences, "bumped")], storage, source)
+    assert not third["raw_interactions"]["reused"]  # back to its own code version: a different fingerprint
     assert not third["cdsr_sequences"]["reused"]
 
 

@@ -15,15 +15,22 @@ in ``interactions``/``items`` or in ``quarantine``.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 INTERACTIONS_FILE = "interactions.parquet"
 ITEMS_FILE = "items.parquet"
 QUARANTINE_FILE = "quarantine.parquet"
+
+# Quarantined records keep this much of their raw text: enough to see what is wrong.
+RAW_PREVIEW_CHARS = 500
 
 
 class SourceError(ValueError):
@@ -75,6 +82,52 @@ def connect(temp_dir: str | os.PathLike[str] | None = None, memory_limit: str = 
     return con
 
 
+def scalar(con: duckdb.DuckDBPyConnection, query: str):
+    """The single value of ``query``, with the result fully consumed.
+
+    DuckDB 2 keeps a result open after ``fetchone()`` and then refuses ``con.sql`` on
+    that connection; ``fetchall`` closes it.
+    """
+    return con.execute(query).fetchall()[0][0]
+
+
 def sql_str(value: str | os.PathLike[str]) -> str:
     """A SQL string literal (for file paths in DuckDB table functions)."""
     return "'" + str(value).replace("'", "''") + "'"
+
+
+def write_query_parquet(
+    con: duckdb.DuckDBPyConnection, query: str, schema: pa.Schema, path: str | os.PathLike[str]
+) -> int:
+    """Stream the result of ``query`` into a zstd parquet file with exactly ``schema``; return its rows.
+
+    Batches go straight from DuckDB to the file (memory does not grow with the result)
+    through a temporary file and ``os.replace``. Columns of ``schema`` that the query
+    does not return must be nullable and are written as nulls (``given_id`` and the
+    release columns of a raw dump).
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    reader = con.sql(query).to_arrow_reader(64 * 1024)
+    missing = [f.name for f in schema if f.name not in reader.schema.names]
+    required = [name for name in missing if not schema.field(name).nullable]
+    if required:
+        raise ValueError(f"query for {target.name} lacks required column(s): {', '.join(required)}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    rows = 0
+    try:
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            for batch in reader:
+                columns = [
+                    pa.nulls(batch.num_rows, f.type) if f.name in missing else batch.column(f.name).cast(f.type)
+                    for f in schema
+                ]
+                writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=schema))
+                rows += batch.num_rows
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return rows

@@ -34,13 +34,12 @@ from .ingest import (
     INTERACTIONS_FILE,
     ITEMS_FILE,
     QUARANTINE_FILE,
+    RAW_PREVIEW_CHARS,
     IngestReport,
     SourceError,
     require_file,
 )
 from ..storage import write_parquet_atomic
-
-RAW_PREVIEW_CHARS = 500
 
 
 def default_domain_names(folder: Path) -> tuple[str, str]:

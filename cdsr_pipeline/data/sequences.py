@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import schema
-from .ingest import INTERACTIONS_FILE, ITEMS_FILE, connect, sql_str
+from .ingest import INTERACTIONS_FILE, ITEMS_FILE, connect, scalar, sql_str
 from ..storage import atomic_write_text, write_parquet_atomic
 
 DOMAINS_FILE = "domains.json"
@@ -88,7 +88,7 @@ def build_sequences(
         protocol = "leave-last-two-out chronological split (valid = second-to-last, test = last interaction)"
 
     n_a = int((items["domain"] == "A").sum())
-    items = items.with_columns(
+    items = _clean_item_texts(items).with_columns(
         pl.when(pl.col("domain") == "A")
         .then(pl.lit(domain_names[0]))
         .otherwise(pl.lit(domain_names[1]))
@@ -114,10 +114,23 @@ def build_sequences(
 
 
 def _is_released(interactions_path: Path) -> bool:
-    split = pq.read_table(interactions_path, columns=["split"])["split"]
-    if split.null_count not in (0, len(split)):
+    """Whether the interactions carry a released split (all rows) or none (raw source).
+
+    Read from the parquet statistics (null counts), not the column itself.
+    """
+    metadata = pq.ParquetFile(interactions_path).metadata
+    column = metadata.schema.names.index("split")
+    rows = metadata.num_rows
+    nulls = 0
+    for group in range(metadata.num_row_groups):
+        stats = metadata.row_group(group).column(column).statistics
+        if stats is None or not stats.has_null_count:
+            nulls = pq.read_table(interactions_path, columns=["split"])["split"].null_count
+            break
+        nulls += stats.null_count
+    if nulls not in (0, rows):
         raise ValueError(f"{interactions_path}: some interactions carry a released split and some don't")
-    return len(split) > 0 and split.null_count == 0
+    return rows > 0 and nulls == 0
 
 
 def _arrow(frame: pl.DataFrame, target: pa.Schema) -> pa.Table:
@@ -141,11 +154,11 @@ def _read_source_items(source_dir: Path) -> pl.DataFrame:
     items = pl.read_parquet(source_dir / ITEMS_FILE)
     if "source_id" not in items.columns:
         items = items.with_columns(pl.lit(None, dtype=pl.String).alias("source_id"))
-    return items.with_columns(
-        pl.coalesce(pl.col("source_id"), pl.col("item")).alias("source_id"),
-        _clean_text("title"),
-        _clean_text("description"),
-    )
+    return items.with_columns(pl.coalesce(pl.col("source_id"), pl.col("item")).alias("source_id"))
+
+
+def _clean_item_texts(items: pl.DataFrame) -> pl.DataFrame:
+    return items.with_columns(_clean_text("title"), _clean_text("description"))
 
 
 # -- released splits -------------------------------------------------------------
@@ -193,58 +206,65 @@ def _filter_and_split(
 ) -> tuple[pl.DataFrame, dict[str, pl.DataFrame], int]:
     con = connect(temp_dir)
     try:
+        # Filter on integer keys: every round scans a narrow table instead of strings.
         con.execute(
             f"""
-            CREATE TEMP TABLE kept AS
+            CREATE TEMP TABLE raw AS
             SELECT "user", item, domain, "timestamp", file_row_number AS ord
             FROM read_parquet({sql_str(source_dir / INTERACTIONS_FILE)}, file_row_number = true)
-            WHERE domain IN ('A', 'B')
+            WHERE domain IN ('A', 'B');
+            CREATE TEMP TABLE user_keys AS
+            SELECT "user", (row_number() OVER ())::INTEGER AS uid FROM (SELECT DISTINCT "user" FROM raw);
+            CREATE TEMP TABLE item_keys AS
+            SELECT item, domain, (row_number() OVER ())::INTEGER AS iid FROM (SELECT DISTINCT item, domain FROM raw);
+            CREATE TEMP TABLE kept AS
+            SELECT uid, iid, domain = 'A' AS is_a, ord FROM raw JOIN user_keys USING ("user") JOIN item_keys USING (item, domain);
             """
         )
         per_domain = max(config.min_items_per_domain, 1)  # active in both domains, always
         rounds = 0
-        count = con.execute("SELECT count(*) FROM kept").fetchone()[0]
+        count = scalar(con, "SELECT count(*) FROM kept")
         while True:
             rounds += 1
             con.execute(
                 f"""
                 CREATE OR REPLACE TEMP TABLE kept AS
                 WITH users_ok AS (
-                    SELECT "user" FROM kept GROUP BY "user"
+                    SELECT uid FROM kept GROUP BY uid
                     HAVING count(*) >= {config.min_user_interactions}
-                       AND count(*) FILTER (WHERE domain = 'A') >= {per_domain}
-                       AND count(*) FILTER (WHERE domain = 'B') >= {per_domain}
+                       AND count(*) FILTER (WHERE is_a) >= {per_domain}
+                       AND count(*) FILTER (WHERE NOT is_a) >= {per_domain}
                 ), items_ok AS (
-                    SELECT item, domain FROM kept GROUP BY item, domain
-                    HAVING count(*) >= {config.min_item_interactions}
+                    SELECT iid FROM kept GROUP BY iid HAVING count(*) >= {config.min_item_interactions}
                 )
-                SELECT k.* FROM kept k
-                SEMI JOIN users_ok USING ("user")
-                SEMI JOIN items_ok USING (item, domain)
+                SELECT k.* FROM kept k SEMI JOIN users_ok USING (uid) SEMI JOIN items_ok USING (iid)
                 """
             )
-            new_count = con.execute("SELECT count(*) FROM kept").fetchone()[0]
+            new_count = scalar(con, "SELECT count(*) FROM kept")
             if new_count == count:
                 break
             count = new_count
         con.execute(
             """
             CREATE TEMP TABLE item_ids AS
-            SELECT item, domain, (row_number() OVER (ORDER BY domain, item) - 1)::BIGINT AS item_id
-            FROM (SELECT DISTINCT item, domain FROM kept)
+            SELECT iid, item, domain, (row_number() OVER (ORDER BY domain, item) - 1)::BIGINT AS item_id
+            FROM item_keys SEMI JOIN (SELECT DISTINCT iid FROM kept) USING (iid)
             """
         )
-        item_ids = pl.from_arrow(con.execute("SELECT * FROM item_ids ORDER BY item_id").arrow())
+        item_ids = pl.from_arrow(con.sql("SELECT item, domain, item_id FROM item_ids ORDER BY item_id").to_arrow_table())
         sequences = pl.from_arrow(
-            con.execute(
+            con.sql(
                 """
-                SELECT "user",
-                       list(item_id ORDER BY "timestamp", ord) AS sequence,
-                       list("timestamp" ORDER BY "timestamp", ord) AS timestamps
-                FROM kept JOIN item_ids USING (item, domain)
-                GROUP BY "user" ORDER BY "user"
+                SELECT u."user",
+                       list(i.item_id ORDER BY r."timestamp", k.ord) AS sequence,
+                       list(r."timestamp" ORDER BY r."timestamp", k.ord) AS timestamps
+                FROM kept k
+                JOIN raw r USING (ord)
+                JOIN item_ids i USING (iid)
+                JOIN user_keys u USING (uid)
+                GROUP BY u."user" ORDER BY u."user"
                 """
-            ).arrow()
+            ).to_arrow_table()
         )
     finally:
         con.close()

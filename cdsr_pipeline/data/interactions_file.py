@@ -1,0 +1,328 @@
+"""A generic interactions file (CSV or Parquet), with an optional items file.
+
+Interactions file, one row per interaction (column names exact; other columns ignored):
+
+- ``user``, ``item``: ids, read as text (an integer id column works);
+- ``domain``: one of the two domain names;
+- ``timestamp``: epoch **seconds** (integer, or decimal: floored), or an ISO 8601 date
+  or date-time (``2015-03-01``, ``2015-03-01T12:30:00``, ``2015-03-01 12:30:00+02:00``,
+  ``...Z``; without an offset, UTC). In Parquet a timestamp or date column works too.
+
+Items file (optional), one row per item: ``item``, ``domain`` (required); ``title``,
+``description``, ``image`` (optional columns). ``image`` is a URL or a local path; a
+relative path is taken relative to the items file's folder and written absolute. Texts
+are kept as given (trimmed; empty = none).
+
+CSV files: UTF-8, a header line, comma-separated, ``"`` quoting (RFC 4180), optionally
+gzip-compressed (``.csv.gz``). Parquet: ``.parquet``/``.pq``.
+
+Domains: the ``domain`` values are mapped to A and B by ``domain_names``; rows of any
+other value are quarantined (``unknown_domain``). Without ``domain_names`` the file
+must hold exactly two distinct values, which are taken in sorted order.
+
+An item is the pair (``domain``, ``item``). Interactions are written in file order.
+
+Quarantine ``line``: for CSV the file's line (header = line 1), exact for rows DuckDB
+rejects; for the other rows it counts one line per record, so it is off after blank
+lines or line breaks inside quoted fields. For Parquet, the 1-based row number. ``raw``
+is the line for rows DuckDB rejected, else the row's fields as JSON. Reasons:
+``malformed_row`` (wrong number of fields), ``bad_encoding``, ``missing_field:<column>``,
+``bad_timestamp``, ``unknown_domain``, ``duplicate_interaction`` (same domain, user, item
+and timestamp; the first is kept), ``duplicate_item`` (a second row for an item; the
+first is kept).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from contextlib import closing
+from pathlib import Path
+
+import duckdb
+
+from . import schema
+from .ingest import (
+    INTERACTIONS_FILE,
+    ITEMS_FILE,
+    QUARANTINE_FILE,
+    RAW_PREVIEW_CHARS,
+    IngestReport,
+    SourceError,
+    connect,
+    require_file,
+    sql_str,
+    write_query_parquet,
+)
+from .staging import (
+    StagedRows,
+    blank_lines_sql,
+    create_item_tables,
+    item_notes,
+    rejects_options,
+    stage_rows,
+    write_quarantine,
+)
+
+FORMAT = "interactions"
+INTERACTION_COLUMNS = ("user", "item", "domain", "timestamp")
+ITEM_COLUMNS = ("item", "domain")
+OPTIONAL_ITEM_COLUMNS = ("title", "description", "image")
+
+
+def _is_parquet(path: Path) -> bool:
+    """Parquet or CSV, by the file name; a one-line error for anything else."""
+    name = path.name.lower()
+    if name.endswith((".parquet", ".pq")):
+        return True
+    if name.endswith((".csv", ".csv.gz")):
+        return False
+    raise SourceError(f"unknown format (expected .csv, .csv.gz or .parquet): {path}")
+
+
+def _reader_sql(path: Path, rejects: str | None) -> str:
+    """The DuckDB table function reading ``path`` (CSV rejects stored under ``rejects``, or skipped)."""
+    if _is_parquet(path):
+        return f"read_parquet({sql_str(path)}, file_row_number = true)"
+    return (
+        f"read_csv({sql_str(path)}, header = true, delim = ',', quote = '\"', escape = '\"', "
+        f"all_varchar = true, compression = 'auto', {rejects_options(rejects)})"
+    )
+
+
+def _columns(con: duckdb.DuckDBPyConnection, path: Path, required: tuple[str, ...]) -> list[str]:
+    """The file's column names; a one-line error if a required one is missing."""
+    try:
+        columns = [row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {_reader_sql(path, None)}").fetchall()]
+    except duckdb.Error as error:
+        first_line = str(error).splitlines()[0]
+        raise SourceError(f"cannot read {path}: {first_line}") from None
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise SourceError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(columns)})")
+    return columns
+
+
+def _stage(con: duckdb.DuckDBPyConnection, path: Path, parse_sql: str, work: Path, name: str) -> StagedRows:
+    if _is_parquet(path):
+        rows_sql = f"SELECT file_row_number AS idx, * FROM {_reader_sql(path, None)}"
+        return stage_rows(con, path, rows_sql, parse_sql, work / f"{name}.parquet", name, first_line=1, rejects=False)
+    blank_lines = blank_lines_sql(con, path, work / f"{name}_blank_lines.parquet", f"{name}_lines")
+    rows_sql = f"SELECT row_number() OVER () - 1 AS idx, * FROM {_reader_sql(path, name)}"
+    return stage_rows(
+        con,
+        path,
+        rows_sql,
+        parse_sql,
+        work / f"{name}.parquet",
+        name,
+        first_line=2,  # after the header
+        rejects=True,
+        skipped_lines_sql=blank_lines,
+    )
+
+
+def _text(column: str) -> str:
+    return f"nullif(trim(CAST({column} AS VARCHAR)), '')"
+
+
+# Integer or decimal epoch seconds, else an ISO date/date-time (UTC unless it has an offset).
+_TIMESTAMP_SQL = """
+    CASE WHEN regexp_full_match(ts_text, '[+-]?[0-9]+') THEN try_cast(ts_text AS BIGINT)
+         WHEN regexp_full_match(ts_text, '[+-]?[0-9]*[.][0-9]*') THEN CAST(floor(try_cast(ts_text AS DOUBLE)) AS BIGINT)
+         ELSE CAST(floor(epoch(try_cast(ts_text AS TIMESTAMPTZ))) AS BIGINT) END"""
+
+_INTERACTIONS_PARSE_SQL = f"""
+    SELECT idx, "user", item, domain_value, ts_text, {_TIMESTAMP_SQL} AS "timestamp",
+        CASE WHEN "user" IS NULL THEN 'missing_field:user'
+             WHEN item IS NULL THEN 'missing_field:item'
+             WHEN domain_value IS NULL THEN 'missing_field:domain'
+             WHEN ts_text IS NULL THEN 'missing_field:timestamp'
+             WHEN "timestamp" IS NULL THEN 'bad_timestamp'
+        END AS reason
+    FROM (
+        SELECT idx, {_text('"user"')} AS "user", {_text("item")} AS item,
+               {_text("domain")} AS domain_value, {_text('"timestamp"')} AS ts_text
+        FROM source_rows
+    )"""
+
+_INTERACTION_RAW = (
+    f"""left(to_json({{'user': "user", 'item': item, 'domain': domain_value, 'timestamp': ts_text}})::VARCHAR, """
+    f"{RAW_PREVIEW_CHARS})"
+)
+_ITEM_RAW = (
+    "left(to_json({'item': item, 'domain': domain_value, 'title': title, 'description': description, "
+    f"'image': image}})::VARCHAR, {RAW_PREVIEW_CHARS})"
+)
+
+
+def _items_parse_sql(columns: list[str], folder: Path) -> str:
+    optional = {c: (_text(c) if c in columns else "NULL::VARCHAR") for c in OPTIONAL_ITEM_COLUMNS}
+    base = sql_str(folder.resolve().as_posix() + "/")
+    return f"""
+    SELECT idx, item, domain_value, title, description, image,
+        CASE WHEN image IS NULL OR image LIKE '%://%' OR starts_with(image, '/') THEN image
+             ELSE {base} || image END AS image_ref,
+        CASE WHEN item IS NULL THEN 'missing_field:item'
+             WHEN domain_value IS NULL THEN 'missing_field:domain'
+        END AS reason
+    FROM (
+        SELECT idx, {_text("item")} AS item, {_text("domain")} AS domain_value,
+               {optional["title"]} AS title, {optional["description"]} AS description, {optional["image"]} AS image
+        FROM source_rows
+    )"""
+
+
+def _domain_names(con: duckdb.DuckDBPyConnection, staged: StagedRows) -> tuple[str, str]:
+    """The two domain values of the file, sorted; a clear error if there are not two."""
+    count, values = con.execute(
+        f"""
+        SELECT count(DISTINCT domain_value), (list(DISTINCT domain_value ORDER BY domain_value))[:10]
+        FROM {staged.rows_sql()} WHERE reason IS NULL
+        """
+    ).fetchall()[0]
+    if count != 2:
+        shown = ", ".join(repr(v) for v in values) + (", ..." if count > len(values) else "")
+        raise SourceError(
+            f"{staged.source}: expected exactly two domain values, found {count} ({shown}); pass the domain names"
+        )
+    return values[0], values[1]
+
+
+def ingest_interactions_file(
+    path: Path,
+    items_path: Path | None,
+    out_dir: Path,
+    domain_names: tuple[str, str] | None,
+    temp_dir: Path | None = None,
+    *,
+    memory_limit: str = "4GB",
+) -> IngestReport:
+    """Write ``interactions.parquet``, ``items.parquet`` and ``quarantine.parquet`` into ``out_dir``.
+
+    See the module docstring for the file format. ``temp_dir`` holds the staging files
+    and DuckDB's spill files (default: the system temp folder).
+    """
+    path = require_file(path, "interactions file")
+    items_path = require_file(items_path, "items file") if items_path is not None else None
+    if domain_names is not None and (len(domain_names) != 2 or domain_names[0] == domain_names[1]):
+        raise SourceError(f"domain_names must be two different names, got {domain_names!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if temp_dir is not None:
+        Path(temp_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="cdsr-interactions-", dir=temp_dir) as work:
+        with closing(connect(Path(work) / "duckdb", memory_limit=memory_limit)) as con:
+            con.execute("SET TimeZone = 'UTC'")  # ISO times without an offset are UTC
+            _columns(con, path, INTERACTION_COLUMNS)
+            staged = {"interactions": _stage(con, path, _INTERACTIONS_PARSE_SQL, Path(work), "interactions")}
+            notes = []
+            if items_path is not None:
+                columns = _columns(con, items_path, ITEM_COLUMNS)
+                absent = [c for c in OPTIONAL_ITEM_COLUMNS if c not in columns]
+                if absent:
+                    notes.append(f"items file has no {', '.join(absent)} column: none for any item")
+                parse = _items_parse_sql(columns, items_path.parent)
+                staged["items"] = _stage(con, items_path, parse, Path(work), "items")
+            else:
+                notes.append("no items file: items have no title, description or image")
+            if domain_names is None:
+                domain_names = _domain_names(con, staged["interactions"])
+                notes.append(f"domain names taken from the file (sorted): A = {domain_names[0]}, B = {domain_names[1]}")
+            report = IngestReport(
+                format=FORMAT,
+                files=[str(f.source) for f in staged.values()],
+                domain_names=(domain_names[0], domain_names[1]),
+                notes=notes,
+            )
+            _assemble(con, staged, out_dir, report)
+    return report
+
+
+def _assemble(
+    con: duckdb.DuckDBPyConnection, staged: dict[str, StagedRows], out_dir: Path, report: IngestReport
+) -> None:
+    report.lines_read = sum(f.lines for f in staged.values())
+    report.notes.extend(f"{f.skipped:,} blank lines of {f.source} skipped" for f in staged.values() if f.skipped)
+    name_a, name_b = (sql_str(n) for n in report.domain_names)
+    domain = f"CASE domain_value WHEN {name_a} THEN 'A' WHEN {name_b} THEN 'B' END"
+    interactions = staged["interactions"]
+    con.execute(
+        f"""
+        CREATE VIEW valid_interactions AS
+        SELECT idx, "user", item, {domain} AS domain, "timestamp", domain_value, ts_text
+        FROM {interactions.rows_sql()} WHERE reason IS NULL
+        """
+    )
+    con.execute(
+        """
+        CREATE TABLE duplicate_interactions AS
+        SELECT idx FROM (
+            SELECT idx, row_number() OVER (PARTITION BY domain, "user", item, "timestamp" ORDER BY idx) AS occurrence
+            FROM valid_interactions WHERE domain IS NOT NULL
+        ) WHERE occurrence > 1
+        """
+    )
+    report.interactions = write_query_parquet(
+        con,
+        """
+        SELECT "user", item, domain, "timestamp"
+        FROM valid_interactions ANTI JOIN duplicate_interactions USING (idx)
+        WHERE domain IS NOT NULL ORDER BY idx
+        """,
+        schema.INTERACTIONS,
+        out_dir / INTERACTIONS_FILE,
+    )
+
+    items = staged.get("items")
+    if items:
+        con.execute(
+            f"""
+            CREATE VIEW valid_items AS
+            SELECT idx, item, {domain} AS domain, title, description, image_ref, domain_value, image
+            FROM {items.rows_sql()} WHERE reason IS NULL
+            """
+        )
+    create_item_tables(
+        con,
+        out_dir / INTERACTIONS_FILE,
+        "SELECT * FROM valid_items WHERE domain IS NOT NULL" if items else None,
+        "idx BIGINT, item VARCHAR, domain VARCHAR, title VARCHAR, description VARCHAR, image_ref VARCHAR",
+    )
+    con.execute(
+        """
+        CREATE TABLE described AS
+        SELECT r.*, row_number() OVER (PARTITION BY r.domain, r.item ORDER BY r.idx) AS occurrence
+        FROM item_records r SEMI JOIN used_items USING (domain, item)
+        """
+    )
+    report.items = write_query_parquet(
+        con,
+        """
+        SELECT u.item, u.domain, d.title, d.description, d.image_ref
+        FROM used_items u LEFT JOIN described d ON d.domain = u.domain AND d.item = u.item AND d.occurrence = 1
+        ORDER BY u.domain, u.item
+        """,
+        schema.SOURCE_ITEMS,
+        out_dir / ITEMS_FILE,
+    )
+
+    parts = []
+    for file_no, (kind, rows) in enumerate(staged.items()):
+        head = f"SELECT {file_no} AS file_no, {sql_str(rows.source)} AS source_file"
+        raw = _INTERACTION_RAW if kind == "interactions" else _ITEM_RAW
+        if rows.rejected:
+            parts.append(f"{head}, line, reason, raw FROM {rows.rejects_sql('malformed_row')}")
+        bad = f"(SELECT idx, reason, {raw} AS raw FROM {rows.rows_sql()} WHERE reason IS NOT NULL)"
+        parts.append(f"{head}, line, reason, raw FROM {rows.numbered(bad)}")
+        duplicates, duplicate_reason = (
+            ("duplicate_interactions", "duplicate_interaction")
+            if kind == "interactions"
+            else ("(SELECT idx FROM described WHERE occurrence > 1)", "duplicate_item")
+        )
+        unknown = f"(SELECT idx, {raw} AS raw FROM valid_{kind} WHERE domain IS NULL)"
+        parts.append(f"{head}, line, 'unknown_domain' AS reason, raw FROM {rows.numbered(unknown)}")
+        repeated = f"(SELECT idx, {raw} AS raw FROM valid_{kind} SEMI JOIN {duplicates} d USING (idx))"
+        parts.append(f"{head}, line, '{duplicate_reason}' AS reason, raw FROM {rows.numbered(repeated)}")
+    report.quarantined = write_quarantine(con, parts, out_dir / QUARANTINE_FILE)
+    described = list(schema.DOMAINS) if items else []
+    report.notes.extend(item_notes(con, out_dir / ITEMS_FILE, report.domain_names, described, "items-file row"))
