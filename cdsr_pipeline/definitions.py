@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import dagster as dg
 
-from .assets import features, ingest
+from .assets import features, ingest, llm
 from .automation import full_pipeline, nightly_rerun, raw_source_changed
-from .resources import DatasetSource, ImageEncoderResource, StorageResource, TextEncoderResource
+from .resources import (
+    DatasetSource,
+    ImageEncoderResource,
+    LLMResource,
+    StorageResource,
+    TextEncoderResource,
+)
 
-stage_modules = [ingest, features]
+stage_modules = [ingest, features, llm]
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules(stage_modules),
@@ -21,5 +27,9 @@ defs = dg.Definitions(
         "source": DatasetSource(),
         "text_encoder": TextEncoderResource(),
         "image_encoder": ImageEncoderResource(),
+        "llm": LLMResource(),
     },
+    # One step at a time: the heavy stages (LLM, encoders, training) each use every
+    # core, and the LLM call log takes one writer.
+    executor=dg.in_process_executor,
 )

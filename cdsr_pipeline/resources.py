@@ -99,3 +99,57 @@ class ImageEncoderResource(_EncoderResource):
     """Image encoder for E_img: open_clip ViT-B-32 (LAION-2B) by default; loaded only if items have images."""
 
     backend: str = Field(default="open_clip", description="open_clip (the only backend with images).")
+
+
+class LLMResource(dg.ConfigurableResource):
+    """The LLM of the augmentation and tag stages: embedded llama.cpp (default) or an Ollama server."""
+
+    backend: str = Field(default="embedded", description="embedded (llama.cpp in-process) or ollama.")
+    model: str = Field(
+        default="",
+        description="embedded: smollm2 | gemma3-270m | a .gguf path (default smollm2); "
+        "ollama: a model tag (default deepseek-r1:14b).",
+    )
+    n_threads: int = Field(default=2, description="embedded: CPU threads.")
+    generation_batch: int = Field(default=8, description="embedded: sequences generated together.")
+    host: Optional[str] = Field(default=None, description="ollama: server URL; empty: $OLLAMA_HOST or 127.0.0.1:11434.")
+    timeout_s: float = Field(default=300.0, description="ollama: longest silence while waiting for an answer.")
+    max_retries: int = Field(default=4, description="ollama: retries on connection errors, timeouts and 5xx.")
+    max_concurrency: int = Field(default=4, description="ollama: requests in flight (match OLLAMA_NUM_PARALLEL).")
+    think: Optional[bool] = Field(default=None, description="ollama: false turns a reasoning model's thinking off.")
+
+    def llm_config(self):
+        from .llm import EmbeddedConfig, LLMConfig, OllamaConfig
+
+        if self.backend == "embedded":
+            embedded = EmbeddedConfig(
+                model=self.model or EmbeddedConfig.model,
+                n_threads=self.n_threads,
+                generation_batch=self.generation_batch,
+            )
+            return LLMConfig(backend="embedded", embedded=embedded)
+        if self.backend == "ollama":
+            ollama = OllamaConfig(
+                model=self.model or OllamaConfig.model,
+                host=self.host,
+                timeout_s=self.timeout_s,
+                max_retries=self.max_retries,
+                max_concurrency=self.max_concurrency,
+                think=self.think,
+            )
+            return LLMConfig(backend="ollama", ollama=ollama)
+        raise ValueError(f"unknown LLM backend {self.backend!r}; use 'embedded' or 'ollama'")
+
+    def fingerprint(self) -> str:
+        """Backend and model (the GGUF file's hash for embedded; host and tag for Ollama).
+
+        Threads, batch sizes and concurrency do not change answers kept in the call log.
+        """
+        from .llm.embedded import resolve_model
+        from .storage import stable_hash
+
+        config = self.llm_config()
+        if config.backend == "embedded":
+            resolved = resolve_model(config.embedded.model, config.embedded.model_dir)
+            return stable_hash({"backend": "embedded", "gguf_sha256": resolved.sha256})
+        return stable_hash({"backend": "ollama", "host": config.ollama.resolved_host(), "model": config.ollama.model})

@@ -1,0 +1,62 @@
+"""LLM stages (no Dagster here): backends, the call log, and the functions the assets call.
+
+- :func:`open_backend` (``LLMConfig``): the embedded llama.cpp model (default) or Ollama.
+- :class:`CallLog`: the DuckDB record of every call (``<storage>/cache/llm_calls.duckdb``).
+- :func:`augment_items` -> AUGMENTED_TEXT (LLM-EMF §3.3).
+- :func:`build_tag_vocabularies` -> DOMAIN_TAGS, TAG_VOCABULARY (TEMA Alg. 1).
+- :func:`score_item_tags` -> ITEM_TAG_SCORES (TEMA §III-D).
+- :func:`build_tag_matrix` / :func:`static_tag_matrix` -> ITEM_TAG_MATRIX.
+"""
+
+from cdsr_pipeline.llm.augment import AugmentationConfig, augment_items
+from cdsr_pipeline.llm.backends import (
+    BackendUnavailableError,
+    EmbeddedBackend,
+    EmbeddedConfig,
+    LLMBackend,
+    LLMConfig,
+    OllamaBackend,
+    OllamaConfig,
+    open_backend,
+)
+from cdsr_pipeline.llm.calllog import CallLog, CallLogLockedError, CallStats, StageResult
+from cdsr_pipeline.llm.tag_matrix import TagMatrixConfig, build_tag_matrix, static_tag_matrix
+from cdsr_pipeline.llm.tag_scoring import TagScoringConfig, TextEncoder, score_item_tags
+from cdsr_pipeline.llm.vocabulary import (
+    VocabularyConfig,
+    VocabularyError,
+    VocabularyResult,
+    build_tag_vocabularies,
+    domain_names,
+)
+
+CALL_LOG_FILE = "llm_calls.duckdb"
+
+__all__ = [
+    "CALL_LOG_FILE",
+    "AugmentationConfig",
+    "BackendUnavailableError",
+    "CallLog",
+    "CallLogLockedError",
+    "CallStats",
+    "EmbeddedBackend",
+    "EmbeddedConfig",
+    "LLMBackend",
+    "LLMConfig",
+    "OllamaBackend",
+    "OllamaConfig",
+    "StageResult",
+    "TagMatrixConfig",
+    "TagScoringConfig",
+    "TextEncoder",
+    "VocabularyConfig",
+    "VocabularyError",
+    "VocabularyResult",
+    "augment_items",
+    "build_tag_matrix",
+    "build_tag_vocabularies",
+    "domain_names",
+    "open_backend",
+    "score_item_tags",
+    "static_tag_matrix",
+]

@@ -1,0 +1,135 @@
+"""Throughput of the LLM stages with the embedded model, extrapolated to Food-Kitchen.
+
+    python benchmarks/llm.py --items 200
+
+Reads real titles from ``shared/data/llmcdsr-food-kitchen/items.tsv`` when present
+(a seeded sample of ``--items``), else the test fixture's 12 titles. Measures, each
+on a fresh call log (nothing served from cache):
+
+- tag scoring (``logprob`` method, ``--candidates`` tags per item; the candidates
+  are the domain's first K tags of a fixed 20-tag list, so the LLM work per item is
+  what a prefiltered run does, without timing the text encoder);
+- augmentation (``--aug-items`` of the sample, the default 48-token answers).
+
+Prints items/s, the extrapolated time for the full release (36,298 items) and the
+peak resident memory of the process (``resource.getrusage`` ru_maxrss: the model,
+its KV cache and Python, i.e. what the machine must have free).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cdsr_pipeline.data.schema import DOMAIN_TAGS, ITEMS, TAG_VOCABULARY  # noqa: E402
+from cdsr_pipeline.llm import (  # noqa: E402
+    AugmentationConfig,
+    CallLog,
+    EmbeddedBackend,
+    EmbeddedConfig,
+    TagScoringConfig,
+    augment_items,
+    score_item_tags,
+)
+
+RELEASE_ITEMS = 36_298
+SHARED_ITEMS = ROOT.parent / "shared" / "data" / "llmcdsr-food-kitchen" / "items.tsv"
+FIXTURE = ROOT / "tests" / "fixtures" / "llm_titles.tsv"
+DOMAIN_NAMES = {"A": "Food", "B": "Kitchen"}
+# Plausible vocabularies (what a strong model gives); only their token lengths matter here.
+TAGS = {
+    "A": ["coffee", "tea", "snacks", "candy", "breakfast cereal", "baking supplies", "spices", "condiments",
+          "pasta", "canned food", "beverages", "chocolate", "organic food", "gluten free", "baby food",
+          "sauces", "nuts", "dried fruit", "cooking oil", "gift baskets"],
+    "B": ["cookware", "bakeware", "cutlery", "kitchen utensils", "small appliances", "coffee makers", "glassware",
+          "dinnerware", "food storage", "bedding", "bath towels", "home decor", "cleaning supplies", "storage bins",
+          "lighting", "furniture", "vacuum cleaners", "water filters", "knife sets", "table linens"],
+}
+
+
+def load_titles(n: int, seed: int) -> tuple[pa.Table, str]:
+    source = SHARED_ITEMS if SHARED_ITEMS.is_file() else FIXTURE
+    rows = []
+    for line in source.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#") or line.startswith("domain\t"):
+            continue
+        fields = line.split("\t")
+        if source == SHARED_ITEMS:  # domain, local_id, global_id, asin, title
+            domain, _, gid, asin, title = fields
+        else:  # domain, global_id, asin, title
+            domain, gid, asin, title = fields
+        rows.append({"item_id": int(gid), "domain": domain, "domain_name": DOMAIN_NAMES[domain], "source_id": asin,
+                     "title": title, "description": None, "image_ref": None})
+    sample = random.Random(seed).sample(rows, min(n, len(rows)))
+    return pa.Table.from_pylist(sample, schema=ITEMS).sort_by("item_id"), str(source)
+
+
+def tag_tables(k: int) -> tuple[pa.Table, pa.Table]:
+    rows = [{"domain": d, "tag": t, "votes": 1, "mean_score": 1.0, "rank": r}
+            for d, tags in TAGS.items() for r, t in enumerate(tags[:k], 1)]
+    vocabulary = sorted({row["tag"] for row in rows})
+    return (pa.Table.from_pylist(rows, schema=DOMAIN_TAGS),
+            pa.Table.from_pylist([{"tag_id": i, "tag": t} for i, t in enumerate(vocabulary)], schema=TAG_VOCABULARY))
+
+
+def report(stage: str, n: int, seconds: float) -> None:
+    rate = n / seconds
+    hours = RELEASE_ITEMS / rate / 3600
+    print(f"{stage:<14} {n:>5} items in {seconds:7.1f}s = {rate:6.2f} items/s "
+          f"-> full release ({RELEASE_ITEMS} items): {hours:5.2f} h")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--items", type=int, default=200, help="titles sampled for tag scoring")
+    parser.add_argument("--aug-items", type=int, default=32, help="of those, how many to augment (0: skip)")
+    parser.add_argument("--candidates", type=int, default=10, help="tags scored per item (K)")
+    parser.add_argument("--model", default="smollm2", help="smollm2 | gemma3-270m | path to a .gguf")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--generation-batch", type=int, default=EmbeddedConfig.generation_batch)
+    parser.add_argument("--max-tokens", type=int, default=AugmentationConfig.max_tokens)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    items, source = load_titles(args.items, args.seed)
+    config = EmbeddedConfig(model=args.model, n_threads=args.threads, generation_batch=args.generation_batch)
+    print(f"data: {items.num_rows} titles sampled (seed {args.seed}) from {source}")
+    print(f"model: {config.model}, threads {config.n_threads}, generation batch {config.generation_batch}, "
+          f"scoring sequences {config.scoring_sequences}, n_ctx {config.n_ctx}, n_batch {config.n_batch}")
+    print(f"tag scoring: logprob, K={args.candidates} candidates per item; augmentation: max_tokens={args.max_tokens}")
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start (shared machines vary)")
+    started = time.perf_counter()
+    backend = EmbeddedBackend(config)
+    print(f"model load: {time.perf_counter() - started:.1f}s, identity {backend.identity}")
+    domain_tags, vocabulary = tag_tables(args.candidates)
+    with tempfile.TemporaryDirectory() as tmp:
+        with CallLog(Path(tmp) / "calls.duckdb") as call_log:
+            started = time.perf_counter()
+            scored = score_item_tags(items, domain_tags, vocabulary, backend, call_log, TagScoringConfig(candidates=0))
+            report("tag scoring", items.num_rows, time.perf_counter() - started)
+            print(f"               {scored.table.num_rows} scores, {scored.stats.failed} failures")
+            if args.aug_items:
+                subset = items.slice(0, args.aug_items)
+                started = time.perf_counter()
+                augmented = augment_items(subset, backend, call_log, AugmentationConfig(max_tokens=args.max_tokens))
+                report("augmentation", subset.num_rows, time.perf_counter() - started)
+                example = augmented.table.to_pylist()[0]
+                print(f"               {augmented.stats.failed} failures; e.g. {example['text']!r}")
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"load average at end {os.getloadavg()[0]:.2f}; peak RSS {peak_mib:.0f} MiB (getrusage ru_maxrss)")
+    backend.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""Stage 3: LLM-augmented item text (LLM-EMF) and LLM tags (TEMA-LLM).
+
+Every LLM call goes through the call log (``storage/cache/llm_calls.duckdb``): an asset
+that reruns asks only what was never answered, and an interrupted run resumes. The
+assets run one at a time (the definitions use the in-process executor): on a small
+machine two LLM stages side by side only fight for the same cores.
+"""
+
+import contextlib
+from collections.abc import Iterator
+from itertools import product
+from pathlib import Path
+
+import dagster as dg
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from ..features.embeddings import encode_texts_by_item
+from ..features.encoders import load_text_encoder
+from ..llm import (
+    CALL_LOG_FILE,
+    AugmentationConfig,
+    CallLog,
+    TagMatrixConfig,
+    TagScoringConfig,
+    VocabularyConfig,
+    augment_items,
+    build_tag_matrix,
+    build_tag_vocabularies,
+    domain_names,
+    open_backend,
+    score_item_tags,
+    static_tag_matrix,
+)
+from ..resources import LLMResource, StorageResource, TextEncoderResource
+from ..storage import ArtifactStore, write_parquet_atomic
+from ._stage import run_stage
+from .features import EMBEDDINGS_FILE
+
+AUGMENTED_FILE = "augmented_text.parquet"
+DOMAIN_TAGS_FILE = "domain_tags.parquet"
+VOCABULARY_FILE = "tag_vocabulary.parquet"
+SCORES_FILE = "scores.parquet"
+STATIC_VARIANT = "static"
+
+
+def _items(store: ArtifactStore):
+    return pq.read_table(store.path("cdsr_sequences", "items.parquet"))
+
+
+@contextlib.contextmanager
+def _llm_session(store: ArtifactStore, llm: LLMResource) -> Iterator[tuple[object, CallLog]]:
+    backend = open_backend(llm.llm_config())
+    try:
+        with CallLog(store.root / "cache" / CALL_LOG_FILE) as call_log:
+            yield backend, call_log
+    finally:
+        backend.close()
+
+
+class LLMFailureLimit(dg.Config):
+    max_share: float = Field(default=0.05, description="Fail when failed LLM answers / calls exceeds this.")
+
+
+def _failure_check(store: ArtifactStore, asset: str, limit: float) -> dg.AssetCheckResult:
+    meta = store.require(asset).metadata
+    share = meta.get("failure_share", 0.0)
+    return dg.AssetCheckResult(
+        passed=share <= limit,
+        metadata={
+            "failure_share": share,
+            "limit": limit,
+            "failed": meta.get("failed", 0),
+            "calls": meta.get("calls", 0),
+            "sample_failures": dg.MetadataValue.json(meta.get("failures", [])[:5]),
+        },
+    )
+
+
+# -- LLM-EMF: augmented text ---------------------------------------------------------
+
+
+class AugmentationSettings(dg.Config):
+    """LLM-EMF §3.3: the SPEC's prompt per item; the answer is encoded like E_tex."""
+
+    max_tokens: int = Field(default=AugmentationConfig.max_tokens, description="Answer length bound (tokens).")
+    temperature: float = Field(default=AugmentationConfig.temperature)
+    seed: int = Field(default=AugmentationConfig.seed, description="Retry n uses seed + n.")
+    repeat_penalty: float = Field(default=AugmentationConfig.repeat_penalty)
+    max_attempts: int = Field(default=AugmentationConfig.max_attempts, description="Answers per item before it fails.")
+    max_title_chars: int = Field(default=AugmentationConfig.max_title_chars)
+    min_words: int = Field(default=AugmentationConfig.min_words, description="A shorter answer is rejected.")
+
+
+@dg.asset(
+    deps=["cdsr_sequences"],
+    group_name="llm",
+    code_version="1",
+    kinds={"ollama", "duckdb", "parquet"},
+    description="LLM-EMF: LLM-generated contextual text per item (status ok / failed / no_title).",
+)
+def llm_augmented_text(
+    context: dg.AssetExecutionContext, config: AugmentationSettings, storage: StorageResource, llm: LLMResource
+) -> dg.MaterializeResult:
+    store = storage.store()
+
+    def build(folder: Path):
+        with _llm_session(store, llm) as (backend, call_log):
+            result = augment_items(_items(store), backend, call_log, AugmentationConfig(**config.model_dump()))
+        write_parquet_atomic(result.table, folder / AUGMENTED_FILE)
+        return result.metadata() | {"llm": dict(backend.identity)}
+
+    return run_stage(context, store, build=build, config=config.model_dump(), extra_inputs={"llm": llm.fingerprint()})
+
+
+@dg.asset_check(asset=llm_augmented_text, description="Share of failed augmentation answers stays under a limit.")
+def augmentation_failures_within_limit(storage: StorageResource, config: LLMFailureLimit) -> dg.AssetCheckResult:
+    return _failure_check(storage.store(), "llm_augmented_text", config.max_share)
+
+
+@dg.asset(
+    deps=["llm_augmented_text", "cdsr_sequences"],
+    group_name="llm",
+    code_version="1",
+    kinds={"pytorch", "parquet"},
+    description="E_llm: the augmented text encoded with the text encoder of E_tex.",
+)
+def item_llm_text_embeddings(
+    context: dg.AssetExecutionContext, storage: StorageResource, text_encoder: TextEncoderResource
+) -> dg.MaterializeResult:
+    store = storage.store()
+
+    def build(folder: Path):
+        augmented = pq.read_table(store.path("llm_augmented_text", AUGMENTED_FILE))
+        encoder = load_text_encoder(text_encoder.spec())
+        table, stats = encode_texts_by_item(
+            augmented["item_id"].to_pylist(),
+            augmented["text"].to_pylist(),
+            encoder,
+            store.cache_dir("features"),
+            feature="llm_text",
+        )
+        write_parquet_atomic(table, folder / EMBEDDINGS_FILE)
+        return stats.as_metadata()
+
+    return run_stage(context, store, build=build, extra_inputs={"text_encoder": text_encoder.fingerprint(store)})
+
+
+# -- TEMA-LLM: tags ----------------------------------------------------------------
+
+
+class VocabularySettings(dg.Config):
+    """TEMA Alg. 1: R queries per domain at temperature 0 (seed varies), frequency voting."""
+
+    tags_per_domain: int = Field(default=VocabularyConfig.tags_per_domain, description="N: tags asked for, and kept at most.")
+    queries: int = Field(default=VocabularyConfig.queries, description="R: queries per domain.")
+    temperature: float = Field(default=VocabularyConfig.temperature)
+    seed: int = Field(default=VocabularyConfig.seed, description="Query r uses seed + r.")
+    repeat_penalty: float = Field(default=VocabularyConfig.repeat_penalty)
+    max_attempts: int = Field(default=VocabularyConfig.max_attempts)
+    min_valid_tags: int | None = Field(default=None, description="Usable tags an answer needs; empty: N // 4.")
+
+
+@dg.asset(
+    deps=["cdsr_sequences"],
+    group_name="llm",
+    code_version="1",
+    kinds={"ollama", "duckdb", "parquet"},
+    description="TEMA Alg. 1: voted tag list per domain (domain_tags.parquet) and their union (tag_vocabulary.parquet).",
+)
+def domain_tag_vocabularies(
+    context: dg.AssetExecutionContext, config: VocabularySettings, storage: StorageResource, llm: LLMResource
+) -> dg.MaterializeResult:
+    store = storage.store()
+
+    def build(folder: Path):
+        with _llm_session(store, llm) as (backend, call_log):
+            result = build_tag_vocabularies(
+                domain_names(_items(store)), backend, call_log, VocabularyConfig(**config.model_dump())
+            )
+        write_parquet_atomic(result.domain_tags, folder / DOMAIN_TAGS_FILE)
+        write_parquet_atomic(result.vocabulary, folder / VOCABULARY_FILE)
+        tags = result.domain_tags.to_pylist()
+        return result.stats.as_metadata() | {
+            "num_tags": result.vocabulary.num_rows,
+            "tags_by_domain": {d: [t["tag"] for t in tags if t["domain"] == d] for d in sorted({t["domain"] for t in tags})},
+            "llm": dict(backend.identity),
+        }
+
+    return run_stage(context, store, build=build, config=config.model_dump(), extra_inputs={"llm": llm.fingerprint()})
+
+
+class TagScoringSettings(dg.Config):
+    """TEMA §III-D: relevance 1..100 of (item, tag) pairs of the item's domain."""
+
+    method: str = Field(default=TagScoringConfig.method, description="auto (logprob embedded, json Ollama) | json | logprob.")
+    candidates: int = Field(
+        default=TagScoringConfig.candidates, description="K tags per item by text-encoder similarity; 0: all tags."
+    )
+    max_title_chars: int = Field(default=TagScoringConfig.max_title_chars)
+    max_attempts: int = Field(default=TagScoringConfig.max_attempts)
+    temperature: float = Field(default=TagScoringConfig.temperature)
+    seed: int = Field(default=TagScoringConfig.seed)
+
+
+@dg.asset(
+    deps=["cdsr_sequences", "domain_tag_vocabularies"],
+    group_name="llm",
+    code_version="1",
+    kinds={"ollama", "duckdb", "parquet"},
+    description="LLM relevance 1..100 of each item's candidate tags (tags of its own domain).",
+)
+def item_tag_scores(
+    context: dg.AssetExecutionContext,
+    config: TagScoringSettings,
+    storage: StorageResource,
+    llm: LLMResource,
+    text_encoder: TextEncoderResource,
+) -> dg.MaterializeResult:
+    store = storage.store()
+    extra = {"llm": llm.fingerprint()}
+    if config.candidates:
+        extra["text_encoder"] = text_encoder.fingerprint(store)
+
+    def build(folder: Path):
+        domain_tags = pq.read_table(store.path("domain_tag_vocabularies", DOMAIN_TAGS_FILE))
+        vocabulary = pq.read_table(store.path("domain_tag_vocabularies", VOCABULARY_FILE))
+        encoder = load_text_encoder(text_encoder.spec()) if config.candidates else None
+        with _llm_session(store, llm) as (backend, call_log):
+            result = score_item_tags(
+                _items(store), domain_tags, vocabulary, backend, call_log, TagScoringConfig(**config.model_dump()), encoder
+            )
+        write_parquet_atomic(result.table, folder / SCORES_FILE)
+        return result.metadata() | {"llm": dict(backend.identity)}
+
+    return run_stage(context, store, build=build, config=config.model_dump(), extra_inputs=extra)
+
+
+@dg.asset_check(asset=item_tag_scores, description="Share of failed scoring answers stays under a limit.")
+def tag_scoring_failures_within_limit(storage: StorageResource, config: LLMFailureLimit) -> dg.AssetCheckResult:
+    return _failure_check(storage.store(), "item_tag_scores", config.max_share)
+
+
+class TagMatrixSettings(dg.Config):
+    """Selection and representation of the default tag matrix (TEMA Tables V, VI)."""
+
+    selection: str = Field(default=TagMatrixConfig.selection, description="top_r | threshold | hybrid.")
+    top_r: int = Field(default=TagMatrixConfig.top_r, description="R.")
+    threshold: int = Field(default=TagMatrixConfig.threshold, description="θ on the 1..100 scale.")
+    max_tags: int = Field(default=TagMatrixConfig.max_tags, description="Hybrid's upper bound.")
+    representation: str = Field(default=TagMatrixConfig.representation, description="weighted | unweighted | one_hot.")
+
+
+SELECTIONS = ("top_r", "threshold", "hybrid")
+REPRESENTATIONS = ("weighted", "unweighted", "one_hot")
+
+
+def matrix_file(variant: str) -> str:
+    """``default``, ``static`` or ``<selection>-<representation>``."""
+    return f"matrix-{variant}.parquet"
+
+
+@dg.asset(
+    deps=["item_tag_scores", "domain_tag_vocabularies", "cdsr_sequences"],
+    group_name="llm",
+    code_version="1",
+    kinds={"parquet"},
+    description="Sparse item-tag weights w_v (TEMA Eq. 3): the configured default, every selection x "
+    "representation variant (ablations, Tables V/VI) and the static keyword baseline (Table IV).",
+)
+def item_tag_matrix(context: dg.AssetExecutionContext, config: TagMatrixSettings, storage: StorageResource) -> dg.MaterializeResult:
+    store = storage.store()
+
+    def build(folder: Path):
+        scores = pq.read_table(store.path("item_tag_scores", SCORES_FILE))
+        domain_tags = pq.read_table(store.path("domain_tag_vocabularies", DOMAIN_TAGS_FILE))
+        vocabulary = pq.read_table(store.path("domain_tag_vocabularies", VOCABULARY_FILE))
+        settings = config.model_dump()
+        variants = {}
+        for selection, representation in product(SELECTIONS, REPRESENTATIONS):
+            variant_config = TagMatrixConfig(**(settings | {"selection": selection, "representation": representation}))
+            table, counts = build_tag_matrix(scores, variant_config)
+            write_parquet_atomic(table, folder / matrix_file(f"{selection}-{representation}"))
+            variants[f"{selection}-{representation}"] = counts
+        table, counts = build_tag_matrix(scores, TagMatrixConfig(**settings))
+        write_parquet_atomic(table, folder / matrix_file("default"))
+        static, static_counts = static_tag_matrix(_items(store), domain_tags, vocabulary)
+        write_parquet_atomic(static, folder / matrix_file(STATIC_VARIANT))
+        variants[STATIC_VARIANT] = static_counts
+        return {"num_tags": vocabulary.num_rows, "default": settings, "default_counts": counts, "variants": variants}
+
+    return run_stage(context, store, build=build, config=config.model_dump())

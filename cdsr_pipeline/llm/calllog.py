@@ -1,0 +1,384 @@
+"""The LLM call log: every call recorded in DuckDB, and the loop that asks only what is missing.
+
+One row per call, keyed by a hash of everything that determines the answer: stage,
+backend identity (model, GGUF sha256 or Ollama digest), prompt-template hash, item,
+full prompt text and decoding parameters. So:
+
+- a rerun serves recorded answers and asks nothing again;
+- a changed template or model only misses its own entries (old rows stay, unused);
+- a crash or a dead server loses nothing recorded: results are written in small
+  transactions as they come, and the rerun resumes with what is missing.
+
+Final failures (answers that stayed unparsable after every attempt) are recorded
+too, with the raw text, and are served like answers: delete them to ask again
+(:meth:`CallLog.forget_failures`).
+
+DuckDB allows one writing process per file; a second run gets :class:`CallLogLockedError`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import duckdb
+import pyarrow as pa
+from tqdm import tqdm
+
+from cdsr_pipeline.llm.types import Completion, CompletionRequest, ContinuationRequest
+from cdsr_pipeline.storage import stable_hash
+
+log = logging.getLogger(__name__)
+
+_TABLE = "llm_calls"
+_COLUMNS = (
+    "key", "stage", "item_key", "backend", "model", "identity", "template_hash", "params", "prompt",
+    "raw_answer", "parsed", "status", "error", "attempts", "latency_s", "created_at",
+)
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS {_TABLE} (
+    key VARCHAR PRIMARY KEY,
+    stage VARCHAR NOT NULL,
+    item_key VARCHAR NOT NULL,
+    backend VARCHAR NOT NULL,
+    model VARCHAR NOT NULL,
+    identity VARCHAR NOT NULL,      -- JSON: the backend's full identity
+    template_hash VARCHAR NOT NULL,
+    params VARCHAR NOT NULL,        -- JSON: decoding parameters of the first attempt
+    prompt VARCHAR NOT NULL,        -- the per-item part of the prompt
+    raw_answer VARCHAR,             -- the last answer's raw text
+    parsed VARCHAR,                 -- JSON: the parsed result (null when failed)
+    status VARCHAR NOT NULL,        -- ok | failed
+    error VARCHAR,                  -- why the last answer was rejected
+    attempts INTEGER NOT NULL,      -- answers obtained (first + retries)
+    latency_s DOUBLE NOT NULL,      -- LLM time over all attempts
+    created_at TIMESTAMP NOT NULL
+)
+"""
+
+
+class CallLogLockedError(RuntimeError):
+    """Another process has the call log open for writing."""
+
+
+class AnswerError(ValueError):
+    """An LLM answer that does not parse or validate."""
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """The outcome of one call, fresh or from the log."""
+
+    key: str
+    item_key: str
+    status: str  # "ok" | "failed"
+    parsed: Any  # JSON-able; None when failed
+    raw_answer: str | None
+    error: str | None
+    attempts: int
+    latency_s: float
+
+
+class CallLog:
+    """A DuckDB file of LLM calls (default ``<storage>/cache/llm_calls.duckdb``)."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._con = duckdb.connect(str(self.path))
+        except duckdb.IOException as error:
+            if "lock" in str(error).lower():
+                raise CallLogLockedError(
+                    f"the LLM call log {self.path} is in use by another process (one run at a time "
+                    f"writes it); wait for that run to finish or stop it. DuckDB said: {error}"
+                ) from None
+            raise
+        self._con.execute(_SCHEMA)
+
+    def close(self) -> None:
+        self._con.close()
+
+    def __enter__(self) -> CallLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def lookup(self, keys: Sequence[str]) -> dict[str, CallRecord]:
+        if not keys:
+            return {}
+        rows = self._con.execute(
+            f"SELECT key, item_key, status, parsed, raw_answer, error, attempts, latency_s "
+            f"FROM {_TABLE} WHERE key IN (SELECT unnest(?))",
+            [list(keys)],
+        ).fetchall()
+        return {
+            row[0]: CallRecord(
+                key=row[0],
+                item_key=row[1],
+                status=row[2],
+                parsed=json.loads(row[3]) if row[3] is not None else None,
+                raw_answer=row[4],
+                error=row[5],
+                attempts=row[6],
+                latency_s=row[7],
+            )
+            for row in rows
+        }
+
+    def record(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Insert (or replace) rows with the columns of the log, in one transaction."""
+        if not rows:
+            return
+        placeholders = ", ".join("?" for _ in _COLUMNS)
+        self._con.execute("BEGIN TRANSACTION")
+        try:
+            self._con.executemany(
+                f"INSERT OR REPLACE INTO {_TABLE} ({', '.join(_COLUMNS)}) VALUES ({placeholders})",
+                [[row[column] for column in _COLUMNS] for row in rows],
+            )
+            self._con.execute("COMMIT")
+        except BaseException:
+            self._con.execute("ROLLBACK")
+            raise
+
+    def count(self, stage: str | None = None, status: str | None = None) -> int:
+        query = f"SELECT count(*) FROM {_TABLE} WHERE (? IS NULL OR stage = ?) AND (? IS NULL OR status = ?)"
+        return self._con.execute(query, [stage, stage, status, status]).fetchone()[0]
+
+    def forget_failures(self, stage: str) -> int:
+        """Delete the recorded failures of ``stage`` so that the next run asks them again."""
+        removed = self.count(stage, "failed")
+        self._con.execute(f"DELETE FROM {_TABLE} WHERE stage = ? AND status = 'failed'", [stage])
+        return removed
+
+
+# -- asking what is missing ------------------------------------------------------------
+Request = TypeVar("Request", CompletionRequest, ContinuationRequest)
+
+
+@dataclass(frozen=True)
+class LLMCall(Generic[Request]):
+    item_key: str
+    request: Request
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    latency_s: float
+
+
+@dataclass
+class CallStats:
+    """What a stage's LLM calls cost and gave; goes into asset metadata."""
+
+    stage: str
+    calls: int = 0
+    cached: int = 0  # served from the call log
+    asked: int = 0  # sent to the LLM in this run
+    answers: int = 0  # answers obtained in this run, retries included
+    ok: int = 0
+    failed: int = 0
+    llm_seconds: float = 0.0  # LLM time in this run (sum over calls)
+    wall_seconds: float = 0.0
+    failures: list[dict[str, Any]] = field(default_factory=list)  # item_key, error, raw_answer, attempts
+
+    @property
+    def failure_share(self) -> float:
+        return self.failed / self.calls if self.calls else 0.0
+
+    def as_metadata(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["failure_share"] = round(self.failure_share, 6)
+        data["failures"] = self.failures[:20]  # a sample; the full list is in the call log
+        return data
+
+
+@dataclass
+class StageResult:
+    """A stage's output table (schema from ``cdsr_pipeline.data.schema``) and its call statistics."""
+
+    table: pa.Table
+    stats: CallStats
+    notes: dict[str, Any] = field(default_factory=dict)  # stage-specific counts for metadata
+
+    def metadata(self) -> dict[str, Any]:
+        return {**self.stats.as_metadata(), **self.notes, "rows": self.table.num_rows}
+
+
+def completion_answers(
+    complete: Callable[[Sequence[CompletionRequest]], Iterator[tuple[int, Completion]]],
+) -> Callable[[Sequence[CompletionRequest]], Iterator[tuple[int, Answer]]]:
+    """An ``execute`` for :func:`run_logged_calls` from a backend's ``complete``."""
+
+    def execute(requests: Sequence[CompletionRequest]) -> Iterator[tuple[int, Answer]]:
+        for index, completion in complete(requests):
+            yield index, Answer(completion.text, completion.latency_s)
+
+    return execute
+
+
+def continuation_answers(
+    score: Callable[[Sequence[ContinuationRequest]], Iterator[tuple[int, list[float]]]],
+) -> Callable[[Sequence[ContinuationRequest]], Iterator[tuple[int, Answer]]]:
+    """An ``execute`` from a backend's ``continuation_logprobs``: the raw answer is
+    the JSON object ``{continuation: log-probability}``."""
+
+    def execute(requests: Sequence[ContinuationRequest]) -> Iterator[tuple[int, Answer]]:
+        last = time.perf_counter()
+        for index, logprobs in score(requests):
+            now = time.perf_counter()
+            text = json.dumps(dict(zip(requests[index].continuations, logprobs, strict=True)))
+            yield index, Answer(text, now - last)
+            last = now
+
+    return execute
+
+
+def reseed(request: CompletionRequest, attempt: int) -> CompletionRequest:
+    """Retry with another seed (the first attempt keeps the configured one)."""
+    return request.with_seed(request.seed + attempt)
+
+
+def call_key(stage: str, identity: Mapping[str, Any], template_hash: str, call: LLMCall) -> str:
+    return stable_hash(
+        {
+            "stage": stage,
+            "identity": dict(identity),
+            "template": template_hash,
+            "item": call.item_key,
+            "prompt": call.request.prompt.text,
+            "params": call.request.params(),
+        }
+    )
+
+
+def run_logged_calls(
+    *,
+    stage: str,
+    template_hash: str,
+    identity: Mapping[str, Any],
+    calls: Sequence[LLMCall[Request]],
+    execute: Callable[[Sequence[Request]], Iterator[tuple[int, Answer]]],
+    parse: Callable[[LLMCall[Request], str], Any],
+    call_log: CallLog,
+    max_attempts: int,
+    retry_request: Callable[[Request, int], Request] = lambda request, attempt: request,
+    chunk_size: int = 64,
+) -> tuple[list[CallRecord], CallStats]:
+    """Answer ``calls`` from the log, asking the LLM only for the missing ones.
+
+    ``execute`` sends requests and yields ``(index, answer)`` as they finish;
+    ``parse`` turns an answer into a JSON-able result or raises :class:`AnswerError`,
+    in which case the call is asked again, ``retry_request(request, attempt)``
+    (e.g. another seed), up to ``max_attempts`` answers in all, and then recorded as
+    a failure. Missing calls are processed in chunks of ``chunk_size``; each chunk's
+    final records are committed before the next starts (and when ``execute`` fails).
+    """
+    if max_attempts < 1:
+        raise ValueError("max_attempts must be at least 1")
+    started = time.perf_counter()
+    stats = CallStats(stage=stage, calls=len(calls))
+    keys = [call_key(stage, identity, template_hash, call) for call in calls]
+    records: list[CallRecord | None] = [None] * len(calls)
+    known = call_log.lookup(keys)
+    for index, key in enumerate(keys):
+        records[index] = known.get(key)
+    missing = [index for index, record in enumerate(records) if record is None]
+    stats.cached = len(calls) - len(missing)
+    stats.asked = len(missing)
+    identity_json = json.dumps(dict(identity), sort_keys=True)
+
+    def log_row(index: int, record: CallRecord) -> dict[str, Any]:
+        request = calls[index].request
+        return {
+            "key": record.key,
+            "stage": stage,
+            "item_key": record.item_key,
+            "backend": str(identity.get("backend", "")),
+            "model": str(identity.get("model", "")),
+            "identity": identity_json,
+            "template_hash": template_hash,
+            "params": json.dumps(request.params(), sort_keys=True),
+            "prompt": request.prompt.body,
+            "raw_answer": record.raw_answer,
+            "parsed": json.dumps(record.parsed) if record.parsed is not None else None,
+            "status": record.status,
+            "error": record.error,
+            "attempts": record.attempts,
+            "latency_s": record.latency_s,
+            "created_at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        }
+
+    with tqdm(total=len(missing), desc=f"LLM {stage}", unit="call", disable=not missing, leave=False) as bar:
+        for start in range(0, len(missing), chunk_size):
+            chunk = missing[start : start + chunk_size]
+            answers: dict[int, list[Answer]] = {index: [] for index in chunk}
+            errors: dict[int, str] = {}
+            finished: list[int] = []
+            todo = chunk
+            try:
+                for attempt in range(max_attempts):
+                    if not todo:
+                        break
+                    requests = [retry_request(calls[i].request, attempt) for i in todo]
+                    again = []
+                    for position, answer in execute(requests):
+                        index = todo[position]
+                        answers[index].append(answer)
+                        stats.answers += 1
+                        stats.llm_seconds += answer.latency_s
+                        try:
+                            parsed = parse(calls[index], answer.text)
+                        except AnswerError as error:
+                            errors[index] = str(error)
+                            if attempt + 1 < max_attempts:
+                                again.append(index)
+                                continue
+                            records[index] = _record(keys[index], calls[index], answers[index], None, errors[index])
+                        else:
+                            records[index] = _record(keys[index], calls[index], answers[index], parsed, None)
+                        finished.append(index)
+                    todo = sorted(again)
+            finally:
+                call_log.record([log_row(index, records[index]) for index in finished])
+                bar.update(len(finished))
+    for index, record in enumerate(records):
+        assert record is not None
+        if record.status == "ok":
+            stats.ok += 1
+        else:
+            stats.failed += 1
+            stats.failures.append(
+                {
+                    "item_key": record.item_key,
+                    "error": record.error,
+                    "raw_answer": (record.raw_answer or "")[:500],
+                    "attempts": record.attempts,
+                }
+            )
+    stats.wall_seconds = time.perf_counter() - started
+    if stats.failed:
+        log.warning("%s: %d of %d calls failed (see the call log)", stage, stats.failed, stats.calls)
+    return [record for record in records if record is not None], stats
+
+
+def _record(key: str, call: LLMCall, answers: list[Answer], parsed: Any, error: str | None) -> CallRecord:
+    return CallRecord(
+        key=key,
+        item_key=call.item_key,
+        status="ok" if error is None else "failed",
+        parsed=parsed,
+        raw_answer=answers[-1].text,
+        error=error,
+        attempts=len(answers),
+        latency_s=sum(a.latency_s for a in answers),
+    )
