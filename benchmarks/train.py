@@ -1,0 +1,320 @@
+"""Benchmark of training and evaluation on the full LLMCDSR Food-Kitchen release.
+
+For each model (default: TEMA-LLM and LLM-EMF presets, full softmax over the target
+domain's items): one training epoch over the release's 7,501 cross-domain users
+(``--train-users all`` adds the single-domain ones) -- sequences/s, positions/s,
+epoch time, the scoring arithmetic it implies and the rate achieved -- then one
+evaluation pass over valid + test (both protocols come from the same forward pass):
+rows/s. Each model runs in its own process so its peak resident memory (and
+``torch.cuda.max_memory_allocated`` on CUDA) is its own. Timing goes through the
+library's own pieces (``make_batch``, ``calculate_loss``, ``evaluate``), i.e. what
+``train_model`` runs per epoch, minus checkpoint writing.
+
+Item features: ``--features DIR`` reads the pipeline's tables from DIR
+(``tex.parquet``, ``llm.parquet``, optional ``img.parquet``, ``tags.parquet`` +
+``tag_vocabulary.parquet``). Without it, STAND-INS FOR TIMING ONLY are generated:
+random 512-dim vectors (the CLIP dimension of the papers) for tex and llm, and a
+SYNTHETIC tag matrix (40 tags per domain, 5 per item). Timing does not depend on
+the values. No images exist in these releases, so the img tower is left out, as in a
+real run.
+
+Needs ``/work/shared/data/llmcdsr-food-kitchen`` (``--release``). The sequences are
+built once into ``--work`` (default ``benchmarks/.data/train``).
+
+Usage::
+
+    .venv/bin/python benchmarks/train.py                      # one full epoch per model (minutes)
+    .venv/bin/python benchmarks/train.py --max-batches 3      # quick estimate, extrapolated and labelled so
+    .venv/bin/python benchmarks/train.py --models sasrec --threads 1 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from cdsr_pipeline.data import schema
+from cdsr_pipeline.data.releases import ingest_llmcdsr
+from cdsr_pipeline.data.sequences import build_sequences, format_statistics
+from cdsr_pipeline.model import PRESETS, FeatureInputs, TrainConfig
+from cdsr_pipeline.model.build import build_model
+from cdsr_pipeline.model.data import (
+    Domains,
+    load_item_features,
+    load_sequences,
+    make_batch,
+    training_batches,
+    training_item_counts,
+)
+from cdsr_pipeline.model.evaluate import EvaluationSplit, evaluate
+from cdsr_pipeline.storage import write_parquet_atomic
+
+REPO = Path(__file__).resolve().parents[1]
+RELEASE = Path("/work/shared/data/llmcdsr-food-kitchen")
+STAND_IN_DIM = 512
+STAND_IN_TAGS_PER_DOMAIN = 40
+STAND_IN_TAGS_PER_ITEM = 5
+
+
+@dataclass
+class Measurement:
+    model: str
+    device: str
+    threads: int
+    towers: dict
+    batches_run: int
+    batches_per_epoch: int
+    sequences_run: int
+    positions_run: int
+    train_seconds: float
+    epoch_seconds: float
+    epoch_extrapolated: bool
+    scoring_gflop: float
+    eval_rows: int
+    eval_seconds: float
+    peak_rss_mib: float
+    peak_cuda_mib: float | None
+
+    @property
+    def sequences_per_s(self) -> float:
+        return self.sequences_run / self.train_seconds
+
+    @property
+    def positions_per_s(self) -> float:
+        return self.positions_run / self.train_seconds
+
+
+def prepare_sequences(release: Path, work: Path) -> Path:
+    sequences = work / "sequences"
+    if not (sequences / "stats.json").is_file():
+        ingest_llmcdsr(release, work / "raw")
+        build_sequences(work / "raw", sequences, dataset="llmcdsr-food-kitchen", domain_names=("Food", "Kitchen"))
+    return sequences
+
+
+def stand_in_features(sequences: Path, work: Path) -> FeatureInputs:
+    """Random 512-dim tex/llm vectors and a synthetic tag matrix: FOR TIMING ONLY."""
+    folder = work / "stand_in_features"
+    domains = Domains.load(sequences)
+    n = domains.num_items
+    rng = np.random.default_rng(0)
+    if not (folder / "tags.parquet").is_file():
+        for name in ("tex", "llm"):
+            vectors = rng.standard_normal((n, STAND_IN_DIM), dtype=np.float32)
+            embedding = pl.Series("embedding", vectors).cast(pl.Array(pl.Float32, STAND_IN_DIM))
+            table = pl.DataFrame({"item_id": np.arange(n), "embedding": embedding, "present": np.ones(n, bool)})
+            table = table.to_arrow().cast(schema.embeddings_schema(STAND_IN_DIM))
+            write_parquet_atomic(table, folder / f"{name}.parquet")
+        item_domain = (np.arange(n) >= domains.sizes[0]).astype(np.int64)
+        tags = np.argsort(rng.random((n, STAND_IN_TAGS_PER_DOMAIN)), axis=1)[:, :STAND_IN_TAGS_PER_ITEM]
+        tags = tags + (item_domain * STAND_IN_TAGS_PER_DOMAIN)[:, None]
+        weights = rng.uniform(0.5, 1.0, tags.shape)
+        weights /= weights.sum(axis=1, keepdims=True)
+        item_ids = np.repeat(np.arange(n), STAND_IN_TAGS_PER_ITEM)
+        matrix = pl.DataFrame({"item_id": item_ids, "tag_id": tags.ravel(), "weight": weights.ravel()})
+        write_parquet_atomic(matrix.to_arrow().cast(schema.ITEM_TAG_MATRIX), folder / "tags.parquet")
+        num_tags = 2 * STAND_IN_TAGS_PER_DOMAIN
+        vocabulary = pl.DataFrame({"tag_id": np.arange(num_tags), "tag": [f"synthetic-{i}" for i in range(num_tags)]})
+        write_parquet_atomic(vocabulary.to_arrow().cast(schema.TAG_VOCABULARY), folder / "tag_vocabulary.parquet")
+    label = "STAND-IN FOR TIMING ONLY"
+    return FeatureInputs(
+        tex=folder / "tex.parquet",
+        llm=folder / "llm.parquet",
+        tags=folder / "tags.parquet",
+        tag_vocabulary=folder / "tag_vocabulary.parquet",
+        provenance={
+            "tex": f"random {STAND_IN_DIM}-dim vectors ({label})",
+            "llm": f"random {STAND_IN_DIM}-dim vectors ({label})",
+            "tag": f"synthetic {STAND_IN_TAGS_PER_DOMAIN} tags/domain, {STAND_IN_TAGS_PER_ITEM}/item ({label})",
+        },
+    )
+
+
+def pipeline_features(folder: Path) -> FeatureInputs:
+    def optional(name: str) -> Path | None:
+        return folder / name if (folder / name).is_file() else None
+
+    return FeatureInputs(
+        img=optional("img.parquet"),
+        tex=optional("tex.parquet"),
+        llm=optional("llm.parquet"),
+        tags=optional("tags.parquet"),
+        tag_vocabulary=optional("tag_vocabulary.parquet"),
+        provenance={"tex": f"{folder}/tex.parquet", "llm": f"{folder}/llm.parquet", "tag": f"{folder}/tags.parquet"},
+    )
+
+
+def measure(model_name: str, sequences: Path, features: FeatureInputs, args: argparse.Namespace) -> Measurement:
+    """One epoch (or ``max_batches``) of training, then valid + test evaluation."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    model_config = PRESETS[model_name]
+    if args.loss_negatives:
+        model_config = replace(model_config, loss_negatives=args.loss_negatives)
+    user_domains = ("both", "A", "B") if args.train_users == "all" else ("both",)
+    config = TrainConfig(model=model_config, name=model_name, train_user_domains=user_domains)
+    domains = Domains.load(sequences)
+    train = load_sequences(sequences, "train", max_len=config.max_len, user_domains=user_domains)
+    item_features = load_item_features(features, domains.num_items, set(model_config.modalities))
+    torch.manual_seed(0)
+    model = build_model(
+        model_config,
+        domains,
+        item_features,
+        max_len=config.max_len,
+        item_counts=training_item_counts(sequences, domains.num_items, user_domains),
+    ).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    batches = training_batches(len(train), train.lengths, config.batch_size, np.random.default_rng(0))
+    run = batches[: args.max_batches] if args.max_batches else batches
+    hidden = model_config.hidden_dim
+    flop = 0.0
+    sequences_run = positions_run = 0
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    for index, rows in enumerate(run, 1):
+        batch = make_batch(train, rows, domains, model.views)
+        for domain in (0, 1):  # 4 matmuls of [queries, hidden] x [hidden, |D|] per tower
+            queries = sum(len(q) for q in batch.domains[domain].query_rows.values())
+            flop += 4 * 2 * queries * hidden * domains.sizes[domain] * len(model.towers)
+        batch = batch.to(device)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model.calculate_loss(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        sequences_run += len(rows)
+        positions_run += batch.num_examples
+        if args.progress:
+            rate = positions_run / (time.perf_counter() - started)
+            print(f"  {model_name}: batch {index}/{len(run)}, {rate:.0f} positions/s", file=sys.stderr, flush=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    train_seconds = time.perf_counter() - started
+    total_positions = train.num_examples
+    epoch_seconds = train_seconds * total_positions / positions_run
+
+    started = time.perf_counter()
+    eval_rows = 0
+    for split in ("valid", "test"):
+        arrays = load_sequences(sequences, split, max_len=config.max_len)
+        split_data = EvaluationSplit.create(split, arrays, domains, config.num_negatives, config.negatives_seed)
+        evaluate(model, split_data, domains, device, config.eval_batch_size)
+        eval_rows += len(arrays)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    eval_seconds = time.perf_counter() - started
+    return Measurement(
+        model=model_name + (f" (sampled softmax K={args.loss_negatives})" if args.loss_negatives else ""),
+        device=str(device),
+        threads=torch.get_num_threads(),
+        towers=model.summary["towers"],
+        batches_run=len(run),
+        batches_per_epoch=len(batches),
+        sequences_run=sequences_run,
+        positions_run=positions_run,
+        train_seconds=train_seconds,
+        epoch_seconds=epoch_seconds,
+        epoch_extrapolated=len(run) < len(batches),
+        scoring_gflop=flop / 1e9,
+        eval_rows=eval_rows,
+        eval_seconds=eval_seconds,
+        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        peak_cuda_mib=torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+    )
+
+
+def _child(model_name: str, sequences: Path, features: FeatureInputs, args: argparse.Namespace) -> dict:
+    return asdict(measure(model_name, sequences, features, args))
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--release", type=Path, default=RELEASE, help="LLMCDSR Food-Kitchen release folder")
+    parser.add_argument(
+        "--work", type=Path, default=REPO / "benchmarks" / ".data" / "train", help="cache of sequences and stand-ins"
+    )
+    parser.add_argument("--features", type=Path, help="folder with the pipeline's feature tables (else stand-ins)")
+    trainable = sorted(name for name, preset in PRESETS.items() if preset.architecture == "sequential")
+    parser.add_argument("--models", nargs="+", default=["tema_llm", "llm_emf"], choices=trainable)
+    parser.add_argument("--train-users", choices=["both", "all"], default="both")
+    parser.add_argument("--max-batches", type=int, help="time only this many batches and extrapolate the epoch")
+    parser.add_argument("--loss-negatives", type=int, help="sampled-softmax negatives (default: full softmax)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, one per core)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--progress", action="store_true", help="print throughput after every batch")
+    parser.add_argument("--json", type=Path, help="also write the measurements here")
+    args = parser.parse_args(argv)
+
+    if not args.release.is_dir():
+        print(f"release not found: {args.release} (this benchmark needs /work/shared/data)", file=sys.stderr)
+        return 2
+    sequences = prepare_sequences(args.release, args.work)
+    features = pipeline_features(args.features) if args.features else stand_in_features(sequences, args.work)
+    stats = json.loads((sequences / "stats.json").read_text())
+    print(format_statistics(stats))
+    print(f"feature sources: {json.dumps(dict(features.provenance))}")
+    softmax = f"sampled softmax K={args.loss_negatives}" if args.loss_negatives else "full softmax over the target domain"
+    print(
+        f"settings: train users {args.train_users}, batch 256 sequences, max_len 50, hidden 256, {softmax}, "
+        f"999 sampled negatives + full ranking in evaluation"
+    )
+    print(
+        f"machine: {_cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"CUDA {'available: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}, "
+        f"load average at start {os.getloadavg()[0]:.2f}"
+    )
+    results = []
+    for name in args.models:
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results.append(Measurement(**pool.submit(_child, name, sequences, features, args).result()))
+        m = results[-1]
+        epoch_label = (
+            f"extrapolated from {m.batches_run}/{m.batches_per_epoch} batches" if m.epoch_extrapolated else "measured"
+        )
+        print(
+            f"\n{m.model} on {m.device} ({m.threads} threads), towers {m.towers}\n"
+            f"  training: {m.sequences_per_s:.1f} sequences/s, {m.positions_per_s:.0f} positions/s; "
+            f"epoch {m.epoch_seconds:.0f} s ({epoch_label})\n"
+            f"  scoring matmuls: {m.scoring_gflop:.0f} GFLOP in these batches -> "
+            f"{m.scoring_gflop / m.train_seconds:.1f} GFLOP/s (lower bound of the achieved rate)\n"
+            f"  evaluation: {m.eval_rows} valid+test rows in {m.eval_seconds:.1f} s = "
+            f"{m.eval_rows / m.eval_seconds:.1f} rows/s (both protocols from one forward pass)\n"
+            f"  peak memory: {m.peak_rss_mib:.0f} MiB resident"
+            + (f", {m.peak_cuda_mib:.0f} MiB CUDA" if m.peak_cuda_mib is not None else "")
+        )
+    print(f"\nload average at end {os.getloadavg()[0]:.2f} (other work on the machine slows every figure above)")
+    if args.json:
+        rows = [{**asdict(m), "sequences_per_s": m.sequences_per_s, "positions_per_s": m.positions_per_s} for m in results]
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Evaluation under both protocols of SPEC.md "Evaluation", per target domain.
+
+- ``sampled`` (the papers' tables, C2DSR reference code): the target against
+  ``num_negatives`` (999) items drawn uniformly WITH replacement from the target's own
+  domain, excluding only the target. The draw depends only on the split's rows and
+  ``negatives_seed`` (:func:`sample_negatives`), so every model and training seed
+  sees the same candidates; :func:`negatives_digest` identifies them in the outputs.
+- ``full``: the target against every item of its domain.
+
+Both use rank = 1 + number of candidates scoring strictly higher (see
+:mod:`~cdsr_pipeline.model.metrics`) and come from one forward pass: the sampled
+candidates are read from the full score row (the fused score is a sum of softmax
+probabilities over the whole domain, so it needs the full row anyway).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .base import Recommender
+from .data import Domains, SequenceArrays, evaluation_batches, make_batch
+from .metrics import METRICS, summarize, target_ranks
+
+PROTOCOLS = ("sampled", "full")
+DOMAIN_KEYS = ("A", "B")
+_SPLIT_STREAMS = {"valid": 1, "test": 2}
+
+
+def sample_negatives(targets: np.ndarray, domains: Domains, num_negatives: int, seed: int, split: str) -> np.ndarray:
+    """[n, num_negatives] LOCAL item indices, uniform with replacement, never the target.
+
+    Args:
+        targets: global item ids of the evaluation targets, in row order.
+    """
+    rng = np.random.default_rng([seed, _SPLIT_STREAMS[split]])
+    in_b = targets >= domains.sizes[0]
+    size = np.where(in_b, domains.sizes[1], domains.sizes[0])
+    local = targets - np.where(in_b, domains.sizes[0], 0)
+    draws = rng.integers(0, size[:, None] - 1, size=(len(targets), num_negatives))
+    return draws + (draws >= local[:, None])  # skip the target: 0..size-2 -> 0..size-1 minus local
+
+
+def negatives_digest(negatives: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(negatives, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+@dataclass
+class EvaluationSplit:
+    """One evaluation split with its fixed sampled negatives."""
+
+    name: str
+    arrays: SequenceArrays
+    negatives: np.ndarray  # [n, K] local indices
+
+    @classmethod
+    def create(
+        cls, name: str, arrays: SequenceArrays, domains: Domains, num_negatives: int, seed: int
+    ) -> EvaluationSplit:
+        return cls(name, arrays, sample_negatives(arrays.last_targets, domains, num_negatives, seed, name))
+
+
+@torch.no_grad()
+def evaluate(
+    model: Recommender,
+    split: EvaluationSplit,
+    domains: Domains,
+    device: torch.device,
+    batch_size: int,
+    progress: bool = False,
+) -> dict[str, dict]:
+    """``{"A"|"B": {"rows": n, "sampled": {metric: value}, "full": {...}}}``."""
+    model.eval()
+    ranks: dict[int, dict[str, list[np.ndarray]]] = {d: {p: [] for p in PROTOCOLS} for d in (0, 1)}
+    batches = list(evaluation_batches(split.arrays, domains, batch_size))
+    for domain, rows in tqdm(batches, desc=f"evaluate {split.name}", leave=False, disable=not progress):
+        batch = make_batch(split.arrays, rows, domains, model.views).to(device)
+        scores = model.full_sort_predict(batch).float()
+        target_scores = scores.gather(1, batch.domains[domain].targets[:, None]).squeeze(1)
+        candidates = torch.from_numpy(split.negatives[rows]).to(device)
+        ranks[domain]["full"].append(target_ranks(target_scores, scores).cpu().numpy())
+        ranks[domain]["sampled"].append(target_ranks(target_scores, scores.gather(1, candidates)).cpu().numpy())
+    result = {}
+    for domain, key in enumerate(DOMAIN_KEYS):
+        merged = {p: np.concatenate(ranks[domain][p]) if ranks[domain][p] else np.empty(0) for p in PROTOCOLS}
+        result[key] = {"rows": int(merged["full"].size), **{p: summarize(merged[p]) for p in PROTOCOLS}}
+    return result
+
+
+def flatten_metrics(split: str, metrics: dict[str, dict]) -> dict[str, float]:
+    """``{split}_{protocol}_{A|B}_{metric}`` columns, plus ``{split}_{protocol}_mean_mrr``
+    (mean of the two domains' MRR: the early-stopping criterion on ``valid``)."""
+    flat = {}
+    for protocol in PROTOCOLS:
+        for key in DOMAIN_KEYS:
+            for metric in METRICS:
+                flat[f"{split}_{protocol}_{key}_{metric}"] = metrics[key][protocol][metric]
+        # mean over the domains that have rows (a split may lack one)
+        mrrs = [metrics[k][protocol]["mrr"] for k in DOMAIN_KEYS if metrics[k]["rows"]]
+        flat[f"{split}_{protocol}_mean_mrr"] = float(np.mean(mrrs)) if mrrs else float("nan")
+    return flat
+
+
+def metric_column(split: str, protocol: str, domain: str, metric: str) -> str:
+    return f"{split}_{protocol}_{domain}_{metric}"

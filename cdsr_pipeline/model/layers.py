@@ -1,0 +1,142 @@
+"""Building blocks: sequence encoders and the memory-bounded full-softmax normaliser.
+
+Training cost is dominated by the full softmax over the target domain's items: on
+LLMCDSR Food-Kitchen one epoch over the 7,501 cross-domain users scores ~205k
+distinct (prefix, target domain) queries per tower (3 views x 90k positions, less the
+shared prefixes) against 8.7k or 27.6k items: ~3.9 G logits of 256-dim dot products
+per tower. :func:`chunked_logsumexp` computes the normaliser in row chunks and
+recomputes the chunk's logits in backward instead of keeping them: one extra matmul
+(4 instead of 3), but memory stays at one chunk where autograd would keep gigabytes
+of logits per step, and every pass over the logits runs on a bounded block.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CHUNK_ELEMENTS = {"cpu": 1 << 23, "cuda": 1 << 26}
+"""Logits per chunk: 32 MB on CPU (a few hundred query rows: an efficient matmul shape
+while the elementwise passes stay small), 256 MB on CUDA (few, large kernels)."""
+
+
+def _chunk_rows(queries: torch.Tensor, candidates: torch.Tensor) -> int:
+    budget = CHUNK_ELEMENTS.get(queries.device.type, CHUNK_ELEMENTS["cpu"])
+    return max(64, budget // max(1, candidates.shape[0]))
+
+
+class _ChunkedLogSumExp(torch.autograd.Function):
+    # fp32 throughout, also under CUDA autocast: the normaliser of a ~30k-way softmax
+    # with logits up to 1/tau loses too much in bf16, and on a GPU this is not the
+    # bottleneck.
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    def forward(ctx, queries: torch.Tensor, candidates: torch.Tensor, max_logit: float | None) -> torch.Tensor:
+        rows = _chunk_rows(queries, candidates)
+        out = torch.empty(queries.shape[0], dtype=queries.dtype, device=queries.device)
+        cand_t = candidates.t()
+        for start in range(0, queries.shape[0], rows):
+            block = queries[start : start + rows]
+            if max_logit is None:
+                logits = block @ cand_t
+                shift = logits.amax(dim=1, keepdim=True)
+                logits.sub_(shift)
+            else:  # a known bound replaces the max pass (cosine scores: 1/tau)
+                shift = queries.new_full((1, 1), max_logit)
+                logits = torch.addmm(-shift, block, cand_t)
+            out[start : start + rows] = logits.exp_().sum(dim=1).log_().add_(shift.squeeze(1))
+        ctx.save_for_backward(queries, candidates, out)
+        return out
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad: torch.Tensor):
+        queries, candidates, lse = ctx.saved_tensors
+        rows = _chunk_rows(queries, candidates)
+        grad_q = torch.empty_like(queries) if ctx.needs_input_grad[0] else None
+        grad_c = torch.zeros_like(candidates) if ctx.needs_input_grad[1] else None
+        cand_t = candidates.t()
+        for start in range(0, queries.shape[0], rows):
+            block = queries[start : start + rows]
+            # softmax(logits) * upstream gradient, formed in place on recomputed logits
+            weights = torch.addmm(-lse[start : start + rows, None], block, cand_t).exp_()
+            weights.mul_(grad[start : start + rows, None])
+            if grad_q is not None:
+                grad_q[start : start + rows] = weights @ candidates
+            if grad_c is not None:
+                grad_c.addmm_(weights.t(), block)
+        return grad_q, grad_c, None
+
+
+def chunked_logsumexp(queries: torch.Tensor, candidates: torch.Tensor, max_logit: float | None = None) -> torch.Tensor:
+    """``logsumexp(queries @ candidates.T, dim=1)`` without materialising the logits.
+
+    Args:
+        queries: [M, d] (already scaled, e.g. by 1/temperature).
+        candidates: [N, d].
+        max_logit: an upper bound of every logit, if known (cosine scores: 1/tau);
+            saves a pass. Must keep ``logit - max_logit`` above ~-80 (fp32 exp).
+    Returns:
+        float32 [M]; differentiable w.r.t. queries and candidates.
+    """
+    return _ChunkedLogSumExp.apply(queries, candidates, max_logit)
+
+
+class _AttentionBlock(nn.Module):
+    """Pre-norm transformer block: causal multi-head self-attention + feed-forward."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.dropout_p = dropout
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, dim))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = x.shape
+        qkv = self.qkv(self.norm1(x)).view(batch, length, 3, self.num_heads, dim // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        attended = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout_p if self.training else 0.0
+        )
+        x = x + self.dropout(self.proj(attended.transpose(1, 2).reshape(batch, length, dim)))
+        return x + self.dropout(self.ffn(self.norm2(x)))
+
+
+class CausalSelfAttentionEncoder(nn.Module):
+    """Learned positional embedding + causal self-attention blocks (SASRec-style).
+
+    Input [B, L, d] right-padded: position t only attends to positions <= t, so the
+    outputs at real positions never depend on padding.
+    """
+
+    def __init__(self, dim: int, num_layers: int, num_heads: int, dropout: float, max_len: int):
+        super().__init__()
+        self.positions = nn.Embedding(max_len, dim)
+        nn.init.normal_(self.positions.weight, std=0.02)
+        self.input_dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(_AttentionBlock(dim, num_heads, dropout) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_dropout(x + self.positions.weight[: x.shape[1]])
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+class GRUEncoder(nn.Module):
+    """GRU4Rec: a GRU over the (dropped-out) item embeddings; causal by construction."""
+
+    def __init__(self, dim: int, num_layers: int, dropout: float):
+        super().__init__()
+        self.input_dropout = nn.Dropout(dropout)
+        self.gru = nn.GRU(dim, dim, num_layers=num_layers, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gru(self.input_dropout(x))[0]

@@ -1,0 +1,43 @@
+"""Ranking metrics (pure functions), as in the C2DSR reference code.
+
+rank = 1 + number of candidates scoring STRICTLY higher than the target (ties count
+in the target's favour); MRR = mean(1/rank); NDCG@k = mean(1/log2(rank+1) if
+rank <= k else 0) (one relevant item); HR@k = mean(rank <= k).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+METRICS = ("mrr", "ndcg_5", "ndcg_10", "hr_10")
+
+
+def target_ranks(target_scores: torch.Tensor, candidate_scores: torch.Tensor) -> torch.Tensor:
+    """1 + number of candidates scoring strictly higher than the target, per row.
+
+    Args:
+        target_scores: [n].
+        candidate_scores: [n, C]; may include the target itself (it never counts).
+    """
+    return 1 + (candidate_scores > target_scores[:, None]).sum(dim=1)
+
+
+def mrr(ranks: np.ndarray) -> float:
+    return float(np.mean(1.0 / ranks)) if len(ranks) else float("nan")
+
+
+def ndcg_at(ranks: np.ndarray, k: int) -> float:
+    if not len(ranks):
+        return float("nan")
+    return float(np.mean(np.where(ranks <= k, 1.0 / np.log2(ranks + 1.0), 0.0)))
+
+
+def hit_at(ranks: np.ndarray, k: int) -> float:
+    return float(np.mean(ranks <= k)) if len(ranks) else float("nan")
+
+
+def summarize(ranks: np.ndarray) -> dict[str, float]:
+    """Every metric of :data:`METRICS` for one set of ranks."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    return {"mrr": mrr(ranks), "ndcg_5": ndcg_at(ranks, 5), "ndcg_10": ndcg_at(ranks, 10), "hr_10": hit_at(ranks, 10)}

@@ -1,0 +1,375 @@
+"""Evaluation report of a set of training runs: Markdown + HTML, learning curves as PNG.
+
+:func:`write_report` reads each run folder (:mod:`~cdsr_pipeline.model.trainer`
+outputs) and writes ``report.md``, ``report.html`` (self-contained except for the PNG
+files beside it) and the figures into ``out_dir``. It states the dataset, the split
+and both protocols; gives one results table per protocol and selection rule (the
+papers' per-domain best-validation epoch, and the early-stopping checkpoint); the
+training facts of each run (epochs, patience, stop); the papers' headline numbers in
+a separate, labelled table that says whether they are comparable (only for the
+papers' own C2DSR split); learning curves; and an ablation table per
+``ablation_group``.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ..storage import atomic_write_text  # noqa: E402
+from .evaluate import DOMAIN_KEYS, PROTOCOLS, metric_column  # noqa: E402
+from .metrics import METRICS  # noqa: E402
+from .trainer import TrainResult  # noqa: E402
+
+METRIC_LABELS = {"mrr": "MRR", "ndcg_5": "NDCG@5", "ndcg_10": "NDCG@10", "hr_10": "HR@10"}
+PROTOCOL_LABELS = {
+    "sampled": "999 sampled negatives (papers' protocol)",
+    "full": "full ranking over the target domain",
+}
+
+# SPEC.md "Papers' headline numbers" (%): LLM-EMF Tables 2-3, TEMA-LLM Tables II-III.
+PAPERS_SOURCE = (
+    "LLM-EMF Tables 2-3 and TEMA-LLM Tables II-III: C2DSR split (Food 29,207 / Kitchen 34,886 items; "
+    "Movie 36,845 / Book 63,937), 999 sampled negatives, each domain at its best validation epoch"
+)
+PAPERS_RESULTS: dict[tuple[str, str], dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]]] = {
+    ("food", "kitchen"): {
+        "SASRec": ((7.30, 6.90, 7.79), (3.79, 3.35, 3.93)),
+        "LLM-EMF": ((9.24, 9.05, 10.21), (5.13, 4.84, 5.43)),
+        "TEMA-LLM": ((9.34, 9.14, 10.32), (5.24, 4.95, 5.50)),
+    },
+    ("movie", "book"): {
+        "SASRec": ((3.79, 3.23, 3.69), (1.81, 1.41, 1.71)),
+        "LLM-EMF": ((6.32, 5.35, 5.78), (2.86, 2.53, 2.79)),
+        "TEMA-LLM": ((6.41, 5.44, 5.89), (2.94, 2.62, 2.91)),
+    },
+}
+
+
+@dataclass
+class ReportPaths:
+    markdown: Path
+    html: Path
+    figures: list[Path] = field(default_factory=list)
+
+
+# -- a tiny document model rendered to Markdown and HTML -------------------------
+
+
+@dataclass
+class _Document:
+    blocks: list[tuple[str, object]] = field(default_factory=list)
+
+    def heading(self, level: int, text: str) -> None:
+        self.blocks.append(("heading", (level, text)))
+
+    def paragraph(self, text: str) -> None:
+        self.blocks.append(("paragraph", text))
+
+    def bullets(self, items: list[str]) -> None:
+        self.blocks.append(("bullets", items))
+
+    def table(self, header: list[str], rows: list[list[str]]) -> None:
+        self.blocks.append(("table", (header, rows)))
+
+    def image(self, file: str, alt: str) -> None:
+        self.blocks.append(("image", (file, alt)))
+
+    def markdown(self) -> str:
+        out = []
+        for kind, value in self.blocks:
+            if kind == "heading":
+                level, text = value
+                out.append(f"{'#' * level} {text}")
+            elif kind == "paragraph":
+                out.append(value)
+            elif kind == "bullets":
+                out.append("\n".join(f"- {item}" for item in value))
+            elif kind == "table":
+                header, rows = value
+                lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                lines += ["| " + " | ".join(row) + " |" for row in rows]
+                out.append("\n".join(lines))
+            elif kind == "image":
+                file, alt = value
+                out.append(f"![{alt}]({file})")
+        return "\n\n".join(out) + "\n"
+
+    def html(self, title: str) -> str:
+        body = []
+        for kind, value in self.blocks:
+            if kind == "heading":
+                level, text = value
+                body.append(f"<h{level}>{_inline(text)}</h{level}>")
+            elif kind == "paragraph":
+                body.append(f"<p>{_inline(value)}</p>")
+            elif kind == "bullets":
+                body.append("<ul>" + "".join(f"<li>{_inline(item)}</li>" for item in value) + "</ul>")
+            elif kind == "table":
+                header, rows = value
+                head = "".join(f"<th>{_inline(h)}</th>" for h in header)
+                cells = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in rows)
+                body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
+            elif kind == "image":
+                file, alt = value
+                file, alt = html.escape(file), html.escape(alt)
+                body.append(f'<figure><img src="{file}" alt="{alt}"><figcaption>{alt}</figcaption></figure>')
+        style = (
+            "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+            "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
+            "th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}"
+            "td:first-child,th:first-child{text-align:left}img{max-width:100%}code{background:#f3f3f3;padding:0 3px}"
+        )
+        return (
+            f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+        )
+
+
+def _inline(text: str) -> str:
+    """Escape HTML, then render Markdown's **bold** and `code`."""
+    escaped = html.escape(text)
+    escaped = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", escaped)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", escaped)
+
+
+# -- report ----------------------------------------------------------------------
+
+
+def _percent(value: float) -> str:
+    return "-" if value != value else f"{100 * value:.2f}"  # NaN -> "-"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "run"
+
+
+def write_report(
+    runs: Sequence[TrainResult | Path],
+    out_dir: Path,
+    dataset_info: dict | None = None,
+    *,
+    title: str | None = None,
+) -> ReportPaths:
+    """Write ``report.md``, ``report.html`` and PNG figures for ``runs`` into ``out_dir``.
+
+    Args:
+        runs: finished runs (results or run folders), all on the same dataset.
+        dataset_info: the sequences folder's ``stats.json`` (default: the one recorded
+            in the first run's metrics).
+        title: heading of the report (default from the dataset name).
+    """
+    results = [run if isinstance(run, TrainResult) else TrainResult.load(Path(run)) for run in runs]
+    if not results:
+        raise ValueError("no runs to report")
+    datasets = {r.metrics["dataset"] for r in results}
+    if len(datasets) > 1:
+        raise ValueError(f"runs from different datasets cannot share a report: {sorted(datasets)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stats = dataset_info or results[0].metrics["data"]["stats"]
+    names = results[0].metrics["domain_names"]
+    dataset = results[0].metrics["dataset"]
+    title = title or f"Evaluation report: {dataset}"
+
+    doc = _Document()
+    doc.heading(1, title)
+    _data_section(doc, stats, names, results)
+    _runs_section(doc, results, names)
+    for protocol in PROTOCOLS:
+        doc.heading(2, f"Results: {PROTOCOL_LABELS[protocol]}")
+        doc.paragraph(
+            f"Test metrics in %, per target domain. **Papers' rule**: each domain at the epoch of its best validation "
+            f"MRR under this protocol (epochs in the last column). **Best checkpoint**: the early-stopping epoch "
+            f"(best mean validation MRR of the two domains under the run's selection protocol)."
+        )
+        doc.heading(3, "Papers' rule (per-domain best validation epoch)")
+        doc.table(*_results_table(results, names, protocol, per_domain=True))
+        doc.heading(3, "Best checkpoint")
+        doc.table(*_results_table(results, names, protocol, per_domain=False))
+        if protocol == "sampled":
+            _papers_section(doc, dataset, names)
+    figures = _figures(results, names, out_dir)
+    doc.heading(2, "Learning curves")
+    doc.paragraph("Training loss and validation MRR per epoch; the dashed line marks the best checkpoint.")
+    for path, alt in figures:
+        doc.image(path.name, alt)
+    groups = sorted({r.config.ablation_group for r in results if r.config.ablation_group})
+    if groups:
+        doc.heading(2, "Ablations")
+        for group in groups:
+            doc.heading(3, group)
+            doc.table(*_ablation_table([r for r in results if r.config.ablation_group == group], names))
+
+    markdown, html_path = out_dir / "report.md", out_dir / "report.html"
+    atomic_write_text(markdown, doc.markdown())
+    atomic_write_text(html_path, doc.html(title))
+    return ReportPaths(markdown=markdown, html=html_path, figures=[path for path, _ in figures])
+
+
+def _data_section(doc: _Document, stats: dict, names: dict, results: list[TrainResult]) -> None:
+    doc.heading(2, "Data and protocol")
+    doc.paragraph(f"Dataset **{stats['dataset']}**; split: {stats['protocol']}.")
+    rows = []
+    for index, key in enumerate(DOMAIN_KEYS):
+        d = stats["domains"][key]
+        rows.append(
+            [
+                d["name"],
+                f"{d['items']:,}",
+                f"{stats['train']:,}" if index == 0 and stats.get("train") else "",
+                f"{d['valid']:,}",
+                f"{d['test']:,}",
+                f"{stats['avg_length']:.2f}" if index == 0 and stats.get("avg_length") else "",
+            ]
+        )
+    doc.table(["Domain", "#Items", "#Train", "#Valid", "#Test", "Avg.length"], rows)
+    first = results[0].metrics
+    train_users = sorted({", ".join(r.metrics["data"]["train_user_domains"]) for r in results})
+    negatives = first["negatives"]
+    doc.bullets(
+        [
+            f"Training sequences used: users active in {' / '.join(train_users)} "
+            f"({first['data']['train_sequences']:,} sequences, {first['data']['train_examples']:,} next-item examples, "
+            f"last {first['data']['max_len']} positions); validation and test users are those of the split.",
+            f"Sampled protocol: {negatives['count']} negatives per row drawn uniformly with replacement from the "
+            f"target's domain, excluding only the target, seed {negatives['seed']} (the same for every run: "
+            f"valid {negatives['valid_digest']}, test {negatives['test_digest']}).",
+            "Full protocol: the target against every item of its domain.",
+            "rank = 1 + number of candidates scoring strictly higher than the target; MRR = mean 1/rank; "
+            "NDCG@k = mean 1/log2(rank+1) for rank <= k; HR@10 = share with rank <= 10.",
+        ]
+    )
+
+
+def _runs_section(doc: _Document, results: list[TrainResult], names: dict) -> None:
+    doc.heading(2, "Runs")
+    rows = []
+    for r in results:
+        m, model = r.metrics, r.config.model
+        summary = m["model_summary"]
+        towers = ", ".join(f"{k} {v:.2f}" for k, v in summary["towers"].items()) or "-"
+        structure = (
+            "popularity"
+            if model.architecture == "popularity"
+            else f"{model.encoder}, {'+'.join(summary['views'])}, {summary['scoring']}"
+            + (f", fusion {model.fusion}" if model.fusion == "early" else "")
+            + (f", sampled softmax K={model.loss_negatives}" if model.loss_negatives else "")
+        )
+        stop = "early stop" if m["stopped_early"] else "max epochs"
+        training = (
+            f"{m['epochs_run']}/{m['max_epochs']} epochs ({stop}), patience {m['patience']}, best epoch "
+            f"{m['best_checkpoint']['epoch']}, {m['timing']['mean_train_seconds']:.0f} s/epoch on {m['device']}"
+            if m["epochs_run"]
+            else "not trained"
+        )
+        provenance = m["features"]["provenance"]
+        features = "; ".join(f"{k}: {provenance.get(k, 'not stated')}" for k in summary["sources"] if k != "id") or "-"
+        rows.append([r.name, structure, towers, features, training])
+    doc.table(["Run", "Model", "Towers (fusion weight)", "Feature sources", "Training"], rows)
+    notes = [f"**{r.name}**: {note}" for r in results for note in r.metrics["notes"]]
+    if notes:
+        doc.paragraph("Notes recorded while building the models:")
+        doc.bullets(notes)
+
+
+def _results_table(
+    results: list[TrainResult], names: dict, protocol: str, per_domain: bool
+) -> tuple[list[str], list[list[str]]]:
+    header = ["Model"] + [f"{METRIC_LABELS[m]} ({names[k]})" for k in DOMAIN_KEYS for m in METRICS] + ["Epoch(s)"]
+    rows = []
+    for r in results:
+        m = r.metrics
+        if per_domain:
+            chosen = m["per_domain_best"][protocol]
+            values = [chosen[k]["test"][metric] for k in DOMAIN_KEYS for metric in METRICS]
+            epochs = " / ".join(str(chosen[k]["epoch"]) for k in DOMAIN_KEYS)
+        else:
+            test = m["best_checkpoint"]["test"]
+            values = [test[k][protocol][metric] for k in DOMAIN_KEYS for metric in METRICS]
+            epochs = str(m["best_checkpoint"]["epoch"])
+        rows.append([r.name] + [_percent(v) for v in values] + [epochs])
+    return header, rows
+
+
+def _papers_section(doc: _Document, dataset: str, names: dict) -> None:
+    key = tuple(names[k].lower() for k in DOMAIN_KEYS)
+    papers = PAPERS_RESULTS.get(key)
+    if papers is None:
+        return
+    same_split = dataset.lower().startswith("c2dsr")
+    doc.heading(3, "Papers' numbers (reference, not our runs)")
+    verdict = (
+        "Same split and protocol as ours; features, hyperparameters and training data availability may still differ."
+        if same_split
+        else f"**Different data: not comparable.** Our dataset is {dataset}; these numbers are on the papers' C2DSR "
+        "split, with different items, users and split."
+    )
+    doc.paragraph(f"Source: {PAPERS_SOURCE}. {verdict}")
+    metrics = ("mrr", "ndcg_5", "ndcg_10")
+    header = ["Model (paper)"] + [f"{METRIC_LABELS[m]} ({names[k]})" for k in DOMAIN_KEYS for m in metrics]
+    rows = [[name] + [f"{v:.2f}" for part in values for v in part] for name, values in papers.items()]
+    doc.table(header, rows)
+
+
+def _figures(results: list[TrainResult], names: dict, out_dir: Path) -> list[tuple[Path, str]]:
+    figures = []
+    trained = [r for r in results if r.metrics["epochs_run"]]
+    for r in trained:
+        epochs = r.epochs()
+        x = epochs["epoch"].to_list()
+        fig, (loss_ax, mrr_ax) = plt.subplots(1, 2, figsize=(11, 3.8))
+        loss_ax.plot(x, epochs["train_loss"].to_list(), color="black")
+        loss_ax.set(title=f"{r.name}: training loss", xlabel="epoch", ylabel="loss")
+        for protocol, style in (("sampled", "-"), ("full", ":")):
+            for key, color in zip(DOMAIN_KEYS, ("tab:blue", "tab:orange")):
+                column = metric_column("valid", protocol, key, "mrr")
+                mrr_ax.plot(x, (epochs[column] * 100).to_list(), style, color=color, label=f"{names[key]} ({protocol})")
+        for ax in (loss_ax, mrr_ax):
+            ax.axvline(r.metrics["best_checkpoint"]["epoch"], color="grey", linestyle="--", linewidth=1)
+        mrr_ax.set(title=f"{r.name}: validation MRR (%)", xlabel="epoch", ylabel="MRR %")
+        mrr_ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"curves_{_slug(r.name)}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        figures.append((path, f"{r.name}: training loss and validation MRR"))
+    if len(trained) > 1:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for r in trained:
+            epochs = r.epochs()
+            ax.plot(epochs["epoch"].to_list(), (epochs["valid_sampled_mean_mrr"] * 100).to_list(), label=r.name)
+        ax.set(title="Validation mean MRR (%), sampled protocol", xlabel="epoch", ylabel="MRR %")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / "validation_mrr.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        figures.append((path, "Validation mean MRR of every trained run"))
+    return figures
+
+
+def _ablation_table(results: list[TrainResult], names: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["Variant", "Towers", "Sequences", "Tag matrix"] + [
+        f"MRR {names[k]} ({p})" for p in ("sampled", "full") for k in DOMAIN_KEYS
+    ]
+    rows = []
+    for r in results:
+        m = r.metrics
+        sampled = [m["per_domain_best"]["sampled"][k]["test"]["mrr"] for k in DOMAIN_KEYS]
+        full = [m["best_checkpoint"]["test"][k]["full"]["mrr"] for k in DOMAIN_KEYS]
+        tag_source = m["features"]["provenance"].get("tag", "-") if "tag" in m["model_summary"]["towers"] else "-"
+        rows.append(
+            [r.name, ", ".join(m["model_summary"]["towers"]), "+".join(m["model_summary"]["views"]), tag_source]
+            + [_percent(v) for v in sampled + full]
+        )
+    header[-4:] = [h + (" papers' rule" if "sampled" in h else " best ckpt") for h in header[-4:]]
+    return header, rows

@@ -1,0 +1,333 @@
+"""The LLM-EMF / TEMA-LLM model family (and SASRec / GRU4Rec as its ID-only configs).
+
+For each modality tower m and each sequence view s in {X, Y, X+Y} an encoder gives
+h_m^s (at every example position in training, at the last position in evaluation).
+For a target domain D:
+
+    P_m^s(i)  = softmax_{i in D}( score(h_m^s, e_m[i]) )
+                score = cos(h, e) / tau  (papers)   or   h . e  (SASRec/GRU4Rec head)
+    P^s(i)    = sum_m alpha_m P_m^s(i)                    (alpha renormalised, see config)
+    loss      = -sum_s w_D(s) log P^s(target)             (mean over examples)
+    score(i)  = sum_s w_D(s) P^s(i)
+
+with w_D = (1, lambda1, lambda2) on (own domain, other domain, merged) for
+``sequence_weighting="target_relative"``; see :mod:`cdsr_pipeline.model.config`.
+A view whose prefix is empty (no X item yet) predicts the uniform distribution
+1/|D|: a constant in loss and score.
+
+Towers:
+
+- ``id``: learnable E_id [items, hidden] (shared by inputs and candidates).
+- ``tag``: learnable E_tag [tags, hidden]; e_tag(v) = w_v . E_tag (TEMA Eq. 3).
+- ``img``/``text``: frozen matrices. Inputs are projected to ``hidden``; the encoder
+  output z is projected back, h = W z, into the feature space and compared with
+  the frozen vectors: cos(h, e_i) = z . (W^T e_i/|e_i|) / |W z|. The candidate
+  matrix ``(E/|E|) W`` is formed once per step, so scoring costs ``hidden`` per item
+  instead of the feature dimension (exactly the same scores).
+- ``fusion="early"`` (TEMA Eq. 9): one tower whose item embedding is
+  MLP(e_id + e_img + e_text + e_tag) (concatenation; 2 layers, GELU); candidates are
+  all items of D through the MLP each step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Recommender
+from .config import MODALITIES, ModelConfig
+from .data import VIEWS, Batch, Domains, ItemFeatures, TagFeature
+from .layers import CausalSelfAttentionEncoder, GRUEncoder, chunked_logsumexp
+
+EMBEDDING_INIT_STD = 0.02
+
+
+class _IdEmbedding(nn.Module):
+    def __init__(self, num_items: int, dim: int):
+        super().__init__()
+        self.embedding = nn.Embedding(num_items + 1, dim, padding_idx=num_items)
+        nn.init.normal_(self.embedding.weight, std=EMBEDDING_INIT_STD)
+        with torch.no_grad():
+            self.embedding.weight[num_items].zero_()
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        return self.embedding(items)
+
+
+class _TagEmbedding(nn.Module):
+    """e_tag(v) = sum_i w_v[i] E_tag[i]; items are padded to the largest tag count."""
+
+    def __init__(self, tags: TagFeature, num_items: int, dim: int):
+        super().__init__()
+        self.tags = nn.Parameter(torch.empty(tags.num_tags, dim).normal_(std=EMBEDDING_INIT_STD))
+        counts = tags.offsets[1:] - tags.offsets[:-1]
+        width = max(1, int(counts.max()))
+        rows = torch.repeat_interleave(torch.arange(num_items), counts)
+        cols = torch.arange(tags.tag_ids.numel()) - torch.repeat_interleave(tags.offsets[:-1], counts)
+        ids = torch.zeros(num_items + 1, width, dtype=torch.long)  # last row: padding item
+        weights = torch.zeros(num_items + 1, width)
+        ids[rows, cols] = tags.tag_ids
+        weights[rows, cols] = tags.weights
+        self.register_buffer("item_tags", ids, persistent=False)
+        self.register_buffer("item_weights", weights, persistent=False)
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        flat = items.reshape(-1)
+        pooled = F.embedding_bag(
+            self.item_tags[flat], self.tags, per_sample_weights=self.item_weights[flat], mode="sum"
+        )
+        return pooled.view(*items.shape, -1)
+
+
+class _FrozenEmbedding(nn.Module):
+    """Row lookup in a frozen, L2-normalised matrix (zero rows for absent items)."""
+
+    def __init__(self, matrix: torch.Tensor):
+        super().__init__()
+        padded = torch.cat([F.normalize(matrix, dim=1), matrix.new_zeros(1, matrix.shape[1])])
+        self.register_buffer("matrix", padded, persistent=False)
+
+    @property
+    def dim(self) -> int:
+        return self.matrix.shape[1]
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        return self.matrix[items]
+
+
+class _Tower(nn.Module):
+    """One modality: item inputs for the encoders, queries and candidates for scoring.
+
+    ``queries(z) @ candidates(D).T`` is the score matrix before the softmax.
+    """
+
+    def __init__(self, cosine: bool, temperature: float):
+        super().__init__()
+        self.cosine = cosine
+        self.scale = 1.0 / temperature if cosine else 1.0
+        # cosine logits lie in [-scale, scale]: a known max for the normaliser, as
+        # long as exp(-2 * scale) stays representable in fp32
+        self.max_logit = self.scale if cosine and 2 * self.scale <= 80 else None
+
+    def embed(self, items: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def queries(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def candidates(self, start: int, stop: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _LearnedTower(_Tower):
+    """Item vectors from a learnable module (ID, tag, or the Eq. 9 MLP)."""
+
+    def __init__(self, item_embedding: nn.Module, cosine: bool, temperature: float):
+        super().__init__(cosine, temperature)
+        self.item_embedding = item_embedding
+
+    def embed(self, items: torch.Tensor) -> torch.Tensor:
+        return self.item_embedding(items)
+
+    def queries(self, z: torch.Tensor) -> torch.Tensor:
+        return (F.normalize(z, dim=-1) if self.cosine else z) * self.scale
+
+    def candidates(self, start: int, stop: int) -> torch.Tensor:
+        device = next(self.item_embedding.parameters()).device
+        vectors = self.item_embedding(torch.arange(start, stop, device=device))
+        return F.normalize(vectors, dim=-1) if self.cosine else vectors
+
+
+class _FrozenTower(_Tower):
+    """Frozen features: input projection in, h = W z back into the feature space."""
+
+    def __init__(self, frozen: _FrozenEmbedding, dim: int, cosine: bool, temperature: float):
+        super().__init__(cosine, temperature)
+        self.frozen = frozen
+        self.input_projection = nn.Linear(frozen.dim, dim)
+        self.output_projection = nn.Linear(dim, frozen.dim, bias=False)
+
+    def embed(self, items: torch.Tensor) -> torch.Tensor:
+        return self.input_projection(self.frozen(items))
+
+    def queries(self, z: torch.Tensor) -> torch.Tensor:
+        if self.cosine:
+            z = z / self.output_projection(z).norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return z * self.scale
+
+    def candidates(self, start: int, stop: int) -> torch.Tensor:
+        return self.frozen.matrix[start:stop] @ self.output_projection.weight
+
+
+class _EarlyFusion(nn.Module):
+    """TEMA Eq. 9: MLP(e_id (+) e_img (+) e_text (+) e_tag), 2 layers with GELU."""
+
+    def __init__(self, parts: nn.ModuleDict, in_dim: int, dim: int):
+        super().__init__()
+        self.parts = parts
+        self.mlp = nn.Sequential(nn.Linear(in_dim, dim), nn.GELU(), nn.Linear(dim, dim))
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        return self.mlp(torch.cat([part(items) for part in self.parts.values()], dim=-1))
+
+
+class SequentialRecommender(Recommender):
+    """Modality towers x sequence views, fused as described in the module docstring."""
+
+    def __init__(self, config: ModelConfig, domains: Domains, features: ItemFeatures, max_len: int):
+        super().__init__()
+        self.config = config
+        self.domains = domains
+        self.notes = list(features.notes)
+        available = features.available()
+        enabled = set(config.modalities) & available
+        dim = config.hidden_dim
+        cosine = config.scoring == "cosine"
+
+        parts: dict[str, tuple[nn.Module, int]] = {}
+        if "id" in enabled:
+            parts["id"] = (_IdEmbedding(domains.num_items, dim), dim)
+        if "img" in enabled:
+            frozen = _FrozenEmbedding(features.dense["img"].matrix)
+            parts["img"] = (frozen, frozen.dim)
+        text_sources = [name for name in ("tex", "llm") if name in enabled]
+        if text_sources:
+            frozen = _FrozenEmbedding(
+                torch.cat([F.normalize(features.dense[name].matrix, dim=1) for name in text_sources], dim=1)
+            )
+            parts["text"] = (frozen, frozen.dim)
+        if "tag" in enabled:
+            parts["tag"] = (_TagEmbedding(features.tags, domains.num_items, dim), dim)
+        if not parts:
+            raise ValueError(f"none of the modalities {config.modalities} has features for this dataset")
+
+        if config.fusion == "early":
+            modules = nn.ModuleDict({name: module for name, (module, _) in parts.items()})
+            module = _EarlyFusion(modules, sum(width for _, width in parts.values()), dim)
+            towers = {"fused": _LearnedTower(module, cosine, config.temperature)}
+            weights = {"fused": 1.0}
+            self.notes.append(f"early fusion (Eq. 9) of {', '.join(parts)}; alpha not used")
+        else:
+            towers = {}
+            for name, (module, _) in parts.items():
+                if isinstance(module, _FrozenEmbedding):
+                    towers[name] = _FrozenTower(module, dim, cosine, config.temperature)
+                else:
+                    towers[name] = _LearnedTower(module, cosine, config.temperature)
+            raw = {name: config.tower_weights[name] for name in towers}
+            total = sum(raw.values())
+            if total <= 0:
+                raise ValueError(f"the fusion weights of the towers {list(towers)} sum to 0; check alpha")
+            weights = {name: w / total for name, w in raw.items()}
+            if len(towers) > 1 and not math.isclose(total, 1.0):
+                self.notes.append(
+                    "fusion weights renormalised over "
+                    + ", ".join(f"{name} {w:.3f}" for name, w in weights.items())
+                )
+        if text_sources and config.fusion == "late":
+            self.notes.append(f"text tower from {' + '.join(text_sources)}")
+
+        self.towers = nn.ModuleDict(towers)
+        self.views = VIEWS if config.multi_attention else ("XY",)
+        self.encoders = nn.ModuleDict(
+            {name: nn.ModuleDict({view: self._encoder(config, max_len) for view in self.views}) for name in towers}
+        )
+        self.register_buffer("log_weights", torch.tensor([math.log(weights[n]) for n in towers]), persistent=False)
+        self.register_buffer("view_weights", self._view_weights(config), persistent=False)
+        self.summary = {
+            "sources": [name for name in MODALITIES if name in enabled],
+            "towers": {name: round(w, 6) for name, w in weights.items()},
+            "views": list(self.views),
+            "view_weights": {
+                domains.names[d]: dict(zip(self.views, self.view_weights[d].tolist())) for d in (0, 1)
+            },
+            "scoring": config.scoring,
+        }
+
+    @staticmethod
+    def _encoder(config: ModelConfig, max_len: int) -> nn.Module:
+        if config.encoder == "gru":
+            return GRUEncoder(config.hidden_dim, config.num_layers, config.dropout)
+        return CausalSelfAttentionEncoder(
+            config.hidden_dim, config.num_layers, config.num_heads, config.dropout, max_len
+        )
+
+    def _view_weights(self, config: ModelConfig) -> torch.Tensor:
+        """[2 target domains, views] sequence weights of loss and score."""
+        if not config.multi_attention:
+            return torch.ones(2, 1)
+        own, other, merged = 1.0, config.lambda1, config.lambda2
+        if config.sequence_weighting == "as_written":
+            return torch.tensor([[own, other, merged], [own, other, merged]])
+        return torch.tensor([[own, other, merged], [other, own, merged]])
+
+    # -- shared forward --------------------------------------------------------
+
+    def _encode(self, batch: Batch) -> dict[str, dict[str, torch.Tensor]]:
+        """tower -> view -> encoder outputs [B, L_view, hidden]."""
+        return {
+            name: {view: self.encoders[name][view](tower.embed(batch.items[view])) for view in self.views}
+            for name, tower in self.towers.items()
+        }
+
+    def _domain_log_probs(
+        self, name: str, outputs: dict[str, torch.Tensor], batch: Batch, domain: int, full: bool
+    ) -> torch.Tensor:
+        """Log-probabilities of one tower for one target domain.
+
+        ``full=False``: of the targets, [views, E]. ``full=True``: of every item of the
+        domain, [views, E, N_D]. Empty prefixes get the uniform -log N_D.
+        """
+        tower = self.towers[name]
+        examples = batch.domains[domain]
+        queries = torch.cat(
+            [
+                tower.queries(outputs[view][examples.query_rows[view], examples.query_positions[view]])
+                for view in self.views
+            ]
+        )
+        candidates = tower.candidates(*self.domains.item_range(domain))
+        index = examples.example_query.clamp(min=0)
+        empty = examples.example_query < 0
+        uniform = -math.log(self.domains.sizes[domain])
+        if full:
+            log_probs = torch.log_softmax((queries @ candidates.t()).float(), dim=-1)[index]
+            return log_probs.masked_fill(empty[..., None], uniform)
+        target_logits = (queries[index] * candidates[examples.targets]).sum(-1).float()
+        size = candidates.shape[0]
+        negatives = self.config.loss_negatives
+        if negatives is None or negatives >= size:
+            normaliser = chunked_logsumexp(queries, candidates, tower.max_logit)[index]
+        else:
+            sampled = torch.randint(size, (negatives,), device=candidates.device)
+            rest = chunked_logsumexp(queries, candidates[sampled], tower.max_logit) + math.log(size / negatives)
+            normaliser = torch.logaddexp(target_logits, rest[index])
+        return (target_logits - normaliser).masked_fill(empty, uniform)
+
+    # -- contract --------------------------------------------------------------
+
+    def calculate_loss(self, batch: Batch) -> torch.Tensor:
+        outputs = self._encode(batch)
+        total = torch.zeros((), device=self.log_weights.device)
+        for domain in (0, 1):
+            if batch.domains[domain].num_examples == 0:
+                continue
+            per_tower = torch.stack(
+                [self._domain_log_probs(name, outputs[name], batch, domain, full=False) for name in self.towers]
+            )
+            fused = torch.logsumexp(per_tower + self.log_weights[:, None, None], dim=0)  # [views, E]
+            total = total - (self.view_weights[domain][:, None] * fused).sum()
+        return total / batch.num_examples
+
+    def full_sort_predict(self, batch: Batch) -> torch.Tensor:
+        domain = batch.target_domain
+        outputs = self._encode(batch)
+        scores = None
+        for k, name in enumerate(self.towers):
+            probs = self._domain_log_probs(name, outputs[name], batch, domain, full=True).exp_()
+            weighted = torch.einsum("v,ven->en", self.view_weights[domain] * self.log_weights[k].exp(), probs)
+            scores = weighted if scores is None else scores + weighted
+        return scores

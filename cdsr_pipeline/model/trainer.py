@@ -1,0 +1,416 @@
+"""Training loop: Adam, validation every epoch, early stopping, checkpoints, resume.
+
+:func:`train_model` is the entry point for the Dagster asset. It writes into
+``out_dir``:
+
+- ``config.json``: the :class:`TrainConfig`, feature inputs, model summary and notes.
+- ``epochs.parquet``: one row per epoch: train loss, examples, seconds, and the
+  valid AND test metrics of both domains under both protocols (columns
+  ``{split}_{protocol}_{A|B}_{metric}``), so both reporting rules can be applied.
+- ``best.pt``: model weights of the epoch with the best validation MRR (mean of
+  the two domains, ``selection_protocol``); the early-stopping checkpoint.
+- ``last.pt``: model, optimizer, epoch, early-stopping state and history after every
+  epoch. A run restarted on the same folder with the same config resumes from it.
+- ``metrics.json``: summary (:func:`summarize_history`): best-checkpoint metrics,
+  the papers' per-domain rule, timings, data, negatives, notes.
+
+Determinism: the model is initialised from ``seed``; the batch order and the dropout
+RNG of epoch e are seeded from ``(seed, e)``, so a run resumed after epoch e draws
+exactly what an uninterrupted run draws and no RNG state needs to be checkpointed.
+Checkpoints hold only tensors and plain Python values and are loaded with
+``torch.load(..., weights_only=True)``.
+
+Device: CUDA when present (bf16 autocast in training, fp32 evaluation), else CPU
+with ``num_threads`` threads (torch's default, one per core, when None).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from tqdm.auto import tqdm
+
+from ..data.sequences import DOMAINS_FILE, split_file
+from ..storage import atomic_write_text, sha256_file, stable_hash, write_parquet_atomic
+from .base import Recommender
+from .build import build_model
+from .config import TrainConfig, config_to_dict, train_config_from_dict
+from .data import (
+    Domains,
+    FeatureInputs,
+    SequenceArrays,
+    load_item_features,
+    load_sequences,
+    load_split_statistics,
+    make_batch,
+    training_batches,
+    training_item_counts,
+)
+from .evaluate import (
+    DOMAIN_KEYS,
+    PROTOCOLS,
+    EvaluationSplit,
+    evaluate,
+    flatten_metrics,
+    metric_column,
+    negatives_digest,
+)
+from .metrics import METRICS
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+EPOCHS_FILE = "epochs.parquet"
+METRICS_FILE = "metrics.json"
+BEST_CHECKPOINT = "best.pt"
+LAST_CHECKPOINT = "last.pt"
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class TrainResult:
+    """A finished (or resumed-to-completion) run folder."""
+
+    out_dir: Path
+    config: TrainConfig
+    metrics: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.config.label
+
+    @property
+    def epochs_file(self) -> Path:
+        return self.out_dir / EPOCHS_FILE
+
+    @property
+    def best_checkpoint(self) -> Path | None:
+        path = self.out_dir / BEST_CHECKPOINT
+        return path if path.is_file() else None
+
+    def epochs(self) -> pl.DataFrame:
+        return pl.read_parquet(self.epochs_file)
+
+    @classmethod
+    def load(cls, out_dir: Path) -> TrainResult:
+        out_dir = Path(out_dir)
+        config = train_config_from_dict(json.loads((out_dir / CONFIG_FILE).read_text())["train_config"])
+        return cls(out_dir, config, json.loads((out_dir / METRICS_FILE).read_text()))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def _save_atomic(obj: dict, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint of this trainer (tensors and plain values only)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@dataclass
+class _RunData:
+    domains: Domains
+    train: SequenceArrays
+    valid: EvaluationSplit
+    test: EvaluationSplit
+    stats: dict
+
+
+def _load_run_data(sequences_dir: Path, config: TrainConfig) -> _RunData:
+    domains = Domains.load(sequences_dir)
+    train = load_sequences(sequences_dir, "train", max_len=config.max_len, user_domains=config.train_user_domains)
+    splits = {
+        name: EvaluationSplit.create(
+            name,
+            load_sequences(sequences_dir, name, max_len=config.max_len),
+            domains,
+            config.num_negatives,
+            config.negatives_seed,
+        )
+        for name in ("valid", "test")
+    }
+    if len(train) == 0 or len(splits["valid"].arrays) == 0:
+        raise ValueError(f"{sequences_dir}: training needs training sequences and validation rows")
+    return _RunData(domains, train, splits["valid"], splits["test"], load_split_statistics(sequences_dir))
+
+
+def inputs_digest(sequences_dir: Path, features: FeatureInputs) -> str:
+    """Content hash of what training reads: the sequences and the feature tables."""
+    files = {"domains": Path(sequences_dir) / DOMAINS_FILE}
+    files.update({split: Path(sequences_dir) / split_file(split) for split in ("train", "valid", "test")})
+    files.update(
+        {name: Path(path) for name in ("img", "tex", "llm", "tags", "tag_vocabulary") if (path := getattr(features, name))}
+    )
+    return stable_hash({name: sha256_file(path) for name, path in sorted(files.items())})
+
+
+def _build(config: TrainConfig, sequences_dir: Path, features: FeatureInputs, domains: Domains) -> Recommender:
+    wanted = set(config.model.modalities) if config.model.architecture == "sequential" else set()
+    item_features = load_item_features(features, domains.num_items, wanted)
+    torch.manual_seed(config.seed)
+    counts = training_item_counts(sequences_dir, domains.num_items, config.train_user_domains)
+    return build_model(config.model, domains, item_features, max_len=config.max_len, item_counts=counts)
+
+
+def train_model(sequences_dir: Path, features: FeatureInputs, config: TrainConfig, out_dir: Path) -> TrainResult:
+    """Train (or resume) one run and write its outputs into ``out_dir``.
+
+    Args:
+        sequences_dir: a ``cdsr_sequences`` folder (items, train/valid/test, domains.json, stats.json).
+        features: the feature tables to use (absent modalities are left out with a note).
+        config: the run's configuration.
+        out_dir: the run folder. If it holds ``last.pt`` of the same config
+            (:meth:`TrainConfig.identity_hash`) and the same inputs (:func:`inputs_digest`),
+            training resumes from it; anything else there is an error. ``epochs`` may
+            be raised to extend a run.
+    Returns:
+        The :class:`TrainResult` (also readable later with :meth:`TrainResult.load`).
+    """
+    sequences_dir, out_dir = Path(sequences_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.device)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    data = _load_run_data(sequences_dir, config)
+    model = _build(config, sequences_dir, features, data.domains).to(device)
+    identity = stable_hash({"config": config.identity_hash(), "inputs": inputs_digest(sequences_dir, features)})
+    atomic_write_text(
+        out_dir / CONFIG_FILE,
+        json.dumps(
+            {
+                "train_config": config_to_dict(config),
+                "identity": identity,
+                "features": features.to_dict(),
+                "model_summary": model.summary,
+                "notes": model.notes,
+                "sequences_dir": str(sequences_dir),
+            },
+            indent=2,
+        ),
+    )
+    optimizer = (
+        torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        if model.trainable
+        else None
+    )
+    state = {"epoch": 0, "best_value": -math.inf, "best_epoch": 0, "bad_epochs": 0, "stopped": False}
+    history: list[dict[str, Any]] = []
+    last_path = out_dir / LAST_CHECKPOINT
+    if last_path.is_file():
+        checkpoint = load_checkpoint(last_path)
+        if checkpoint.get("identity") != identity:
+            raise ValueError(f"{out_dir} holds a run of a different configuration or inputs; use a fresh folder")
+        model.load_state_dict(checkpoint["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        state, history = dict(checkpoint["early_stopping"]), list(checkpoint["history"])
+        log.info("%s: resuming after epoch %d", config.label, state["epoch"])
+
+    selection = f"valid_{config.selection_protocol}_mean_mrr"
+    last_epoch = config.epochs if model.trainable else 0
+    first = state["epoch"] + 1 if history else (1 if model.trainable else 0)
+    for epoch in range(first, last_epoch + 1):
+        if state["stopped"]:
+            break
+        started = time.perf_counter()
+        loss, examples = (
+            _train_epoch(model, optimizer, data, config, epoch, device) if model.trainable else (math.nan, 0)
+        )
+        trained = time.perf_counter()
+        row: dict[str, Any] = {"epoch": epoch, "train_loss": loss, "train_examples": examples}
+        for split in (data.valid, data.test):
+            split_metrics = evaluate(model, split, data.domains, device, config.eval_batch_size, config.progress)
+            row.update(flatten_metrics(split.name, split_metrics))
+        finished = time.perf_counter()
+        row.update(train_seconds=trained - started, eval_seconds=finished - trained, epoch_seconds=finished - started)
+        history.append(row)
+        state["epoch"] = epoch
+        if row[selection] > state["best_value"]:
+            state.update(best_value=row[selection], best_epoch=epoch, bad_epochs=0)
+            _save_atomic(
+                {"format": CHECKPOINT_FORMAT, "identity": identity, "epoch": epoch, "model": model.state_dict()},
+                out_dir / BEST_CHECKPOINT,
+            )
+        else:
+            state["bad_epochs"] += 1
+            state["stopped"] = state["bad_epochs"] >= config.patience
+        _save_atomic(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "identity": identity,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict() if optimizer is not None else {},
+                "early_stopping": state,
+                "history": history,
+            },
+            last_path,
+        )
+        write_parquet_atomic(pl.DataFrame(history).to_arrow(), out_dir / EPOCHS_FILE)
+        log.info(
+            "%s epoch %d: loss %.4f, valid %s mean MRR %.4f (best %.4f @ %d), %.1fs",
+            config.label,
+            epoch,
+            loss,
+            config.selection_protocol,
+            row[selection],
+            state["best_value"],
+            state["best_epoch"],
+            row["epoch_seconds"],
+        )
+
+    metrics = summarize_history(history, state, config)
+    metrics.update(
+        dataset=data.domains.dataset,
+        domain_names=dict(zip(DOMAIN_KEYS, data.domains.names)),
+        identity=identity,
+        model_summary=model.summary,
+        notes=model.notes,
+        features=features.to_dict(),
+        device=str(device),
+        threads=torch.get_num_threads() if device.type == "cpu" else None,
+        data={
+            "stats": data.stats,
+            "train_sequences": len(data.train),
+            "train_examples": data.train.num_examples,
+            "train_user_domains": list(config.train_user_domains),
+            "max_len": config.max_len,
+        },
+        negatives={
+            "count": config.num_negatives,
+            "seed": config.negatives_seed,
+            "valid_digest": negatives_digest(data.valid.negatives),
+            "test_digest": negatives_digest(data.test.negatives),
+        },
+    )
+    atomic_write_text(out_dir / METRICS_FILE, json.dumps(metrics, indent=2))
+    return TrainResult(out_dir, config, metrics)
+
+
+def _train_epoch(
+    model: Recommender,
+    optimizer: torch.optim.Optimizer,
+    data: _RunData,
+    config: TrainConfig,
+    epoch: int,
+    device: torch.device,
+) -> tuple[float, int]:
+    """One pass over the training rows; returns (mean loss per example, examples)."""
+    model.train()
+    torch.manual_seed(_epoch_seed(config.seed, epoch))
+    rng = np.random.default_rng([config.seed, epoch])
+    batches = training_batches(len(data.train), data.train.lengths, config.batch_size, rng)
+    total, examples = 0.0, 0
+    progress = tqdm(
+        batches, desc=f"{config.label} epoch {epoch}", leave=False, disable=not config.progress, mininterval=2.0
+    )
+    for rows in progress:
+        batch = make_batch(data.train, rows, data.domains, model.views).to(device)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model.calculate_loss(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * batch.num_examples
+        examples += batch.num_examples
+        progress.set_postfix(loss=f"{total / examples:.4f}", refresh=False)
+    return total / max(examples, 1), examples
+
+
+def nest_metrics(row: dict[str, Any], split: str) -> dict[str, dict]:
+    """Inverse of :func:`~cdsr_pipeline.model.evaluate.flatten_metrics` for one split."""
+    return {
+        domain: {
+            protocol: {metric: row[metric_column(split, protocol, domain, metric)] for metric in METRICS}
+            for protocol in PROTOCOLS
+        }
+        for domain in DOMAIN_KEYS
+    }
+
+
+def summarize_history(history: list[dict[str, Any]], state: dict, config: TrainConfig) -> dict[str, Any]:
+    """The two reporting rules and the training facts, from the per-epoch rows.
+
+    - ``best_checkpoint``: the epoch with the best validation MRR (mean of the two
+      domains, ``selection_protocol``): what early stopping keeps.
+    - ``per_domain_best``: for each protocol and domain, the epoch with that domain's
+      best validation MRR under that protocol, and its test metrics (the C2DSR /
+      papers' reporting rule: each domain may come from a different epoch).
+    """
+    by_epoch = {row["epoch"]: row for row in history}
+    best = by_epoch[state["best_epoch"]]
+    per_domain: dict[str, dict] = {}
+    for protocol in PROTOCOLS:
+        per_domain[protocol] = {}
+        for domain in DOMAIN_KEYS:
+            column = metric_column("valid", protocol, domain, "mrr")
+            chosen = max(history, key=lambda row: (row[column], -row["epoch"]))
+            per_domain[protocol][domain] = {
+                "epoch": chosen["epoch"],
+                "valid": nest_metrics(chosen, "valid")[domain][protocol],
+                "test": nest_metrics(chosen, "test")[domain][protocol],
+            }
+    trained = [row for row in history if row["train_examples"]]
+    train_seconds = sum(row["train_seconds"] for row in trained)
+    return {
+        "name": config.label,
+        "ablation_group": config.ablation_group,
+        "epochs_run": len(history) if trained else 0,
+        "max_epochs": config.epochs,
+        "patience": config.patience,
+        "stopped_early": bool(state["stopped"]),
+        "selection": f"valid {config.selection_protocol} mean MRR",
+        "best_checkpoint": {
+            "epoch": best["epoch"],
+            "valid": nest_metrics(best, "valid"),
+            "test": nest_metrics(best, "test"),
+        },
+        "per_domain_best": per_domain,
+        "timing": {
+            "total_seconds": float(sum(row["epoch_seconds"] for row in history)),
+            "mean_train_seconds": float(np.mean([row["train_seconds"] for row in trained])) if trained else 0.0,
+            "mean_eval_seconds": float(np.mean([row["eval_seconds"] for row in history])),
+            "train_examples_per_second": (
+                float(sum(row["train_examples"] for row in trained) / train_seconds) if trained else None
+            ),
+        },
+    }
+
+
+def load_model(
+    run_dir: Path, sequences_dir: Path, features: FeatureInputs, checkpoint: str = BEST_CHECKPOINT
+) -> Recommender:
+    """Rebuild a run's model and load a checkpoint (``best.pt`` or ``last.pt``), on CPU."""
+    result_config = train_config_from_dict(json.loads((Path(run_dir) / CONFIG_FILE).read_text())["train_config"])
+    model = _build(result_config, Path(sequences_dir), features, Domains.load(sequences_dir))
+    model.load_state_dict(load_checkpoint(Path(run_dir) / checkpoint)["model"])
+    return model.eval()

@@ -1,0 +1,146 @@
+"""End-to-end training on a small synthetic dataset: learning, determinism, resume,
+checkpoints, report."""
+
+import dataclasses
+
+import polars as pl
+import pytest
+import torch
+
+from model_synthetic import write_synthetic_features, write_synthetic_sequences
+
+from cdsr_pipeline.model import PRESETS, TrainConfig, TrainResult, load_model, train_model, write_report
+from cdsr_pipeline.model.data import Domains, load_sequences
+from cdsr_pipeline.model.evaluate import EvaluationSplit, evaluate
+from cdsr_pipeline.model.trainer import BEST_CHECKPOINT, load_checkpoint
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_torch_threads():
+    """The runs below ask for one thread (fast and stable on a shared machine); give
+    the rest of the test session its thread count back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _config(preset: str, **changes) -> TrainConfig:
+    model = dataclasses.replace(PRESETS[preset], hidden_dim=32)
+    defaults = dict(model=model, name=preset, epochs=4, patience=50, num_negatives=20, num_threads=1, progress=False)
+    return TrainConfig(**{**defaults, **changes})
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    sequences = write_synthetic_sequences(root / "sequences", names=("Food", "Kitchen"))
+    features = write_synthetic_features(root / "features", num_items=50)
+    return sequences, features
+
+
+@pytest.fixture(scope="module")
+def runs(dataset, tmp_path_factory):
+    sequences, features = dataset
+    root = tmp_path_factory.mktemp("runs")
+    return {
+        "tema": train_model(sequences, features, _config("tema_llm", epochs=6, ablation_group="demo"), root / "tema"),
+        "popularity": train_model(sequences, features, _config("popularity"), root / "popularity"),
+    }
+
+
+def _mean_full_mrr(result: TrainResult) -> float:
+    test = result.metrics["best_checkpoint"]["test"]
+    return (test["A"]["full"]["mrr"] + test["B"]["full"]["mrr"]) / 2
+
+
+def test_training_learns_the_synthetic_pattern(runs):
+    tema, popularity = runs["tema"], runs["popularity"]
+    # random ranking over 20 / 30 items has MRR ~0.18 / 0.13
+    assert _mean_full_mrr(popularity) < 0.3
+    assert _mean_full_mrr(tema) > 2 * _mean_full_mrr(popularity)
+    losses = tema.epochs()["train_loss"].to_list()
+    assert losses[-1] < losses[0]
+
+
+def test_run_folder_holds_every_output(runs):
+    tema = runs["tema"]
+    for name in ("config.json", "metrics.json", "epochs.parquet", "best.pt", "last.pt"):
+        assert (tema.out_dir / name).is_file()
+    epochs = tema.epochs()
+    assert epochs["epoch"].to_list() == [1, 2, 3, 4, 5, 6]
+    assert {"train_loss", "epoch_seconds", "valid_sampled_A_mrr", "test_full_B_ndcg_10", "valid_sampled_mean_mrr"} <= set(epochs.columns)
+    metrics = tema.metrics
+    assert metrics["patience"] == 50 and metrics["epochs_run"] == 6 and not metrics["stopped_early"]
+    per_domain = metrics["per_domain_best"]["sampled"]["A"]
+    best_row = epochs.filter(pl.col("epoch") == per_domain["epoch"]).row(0, named=True)
+    assert per_domain["test"]["mrr"] == best_row["test_sampled_A_mrr"]
+    assert best_row["valid_sampled_A_mrr"] == epochs["valid_sampled_A_mrr"].max()
+    assert TrainResult.load(tema.out_dir).metrics == metrics
+
+
+def _comparable(result: TrainResult) -> pl.DataFrame:
+    return result.epochs().drop(["train_seconds", "eval_seconds", "epoch_seconds"])
+
+
+def test_same_inputs_and_config_give_the_same_metrics_and_a_resumed_run_matches(dataset, tmp_path):
+    sequences, features = dataset
+    config = _config("llm_emf", epochs=3)
+    straight = train_model(sequences, features, config, tmp_path / "straight")
+    again = train_model(sequences, features, config, tmp_path / "again")
+    assert _comparable(straight).equals(_comparable(again))
+
+    # "crash" after epoch 1, then restart on the same folder
+    train_model(sequences, features, dataclasses.replace(config, epochs=1), tmp_path / "resumed")
+    resumed = train_model(sequences, features, config, tmp_path / "resumed")
+    assert _comparable(resumed).equals(_comparable(straight))
+    assert resumed.metrics["best_checkpoint"] == straight.metrics["best_checkpoint"]
+
+
+def test_a_folder_of_another_configuration_or_other_inputs_is_not_resumed(dataset, tmp_path):
+    sequences, features = dataset
+    train_model(sequences, features, _config("sasrec", epochs=1), tmp_path / "run")
+    with pytest.raises(ValueError, match="different configuration or inputs"):
+        train_model(sequences, features, _config("sasrec", epochs=1, seed=1), tmp_path / "run")
+    with pytest.raises(ValueError, match="different configuration or inputs"):
+        train_model(sequences, dataclasses.replace(features, tags=None), _config("sasrec", epochs=1), tmp_path / "run")
+
+
+def test_early_stopping_counts_patience_epochs(dataset, tmp_path):
+    sequences, features = dataset
+    result = train_model(sequences, features, _config("gru4rec", epochs=30, patience=1, learning_rate=0.0), tmp_path / "run")
+    assert result.metrics["stopped_early"]
+    assert result.metrics["epochs_run"] == 2  # epoch 2 does not improve on epoch 1 with a zero learning rate
+
+
+def test_best_checkpoint_loads_weights_only_and_reproduces_its_metrics(runs, dataset):
+    sequences, features = dataset
+    tema = runs["tema"]
+    checkpoint = torch.load(tema.out_dir / BEST_CHECKPOINT, map_location="cpu", weights_only=True)
+    assert checkpoint["epoch"] == tema.metrics["best_checkpoint"]["epoch"]
+    assert load_checkpoint(tema.out_dir / "last.pt")["early_stopping"]["epoch"] == 6
+    model = load_model(tema.out_dir, sequences, features)
+    domains = Domains.load(sequences)
+    test = EvaluationSplit.create("test", load_sequences(sequences, "test", max_len=50), domains, 20, 0)
+    recomputed = evaluate(model, test, domains, torch.device("cpu"), 256)
+    recorded = tema.metrics["best_checkpoint"]["test"]
+    for domain in ("A", "B"):
+        for protocol in ("sampled", "full"):
+            assert recomputed[domain][protocol] == pytest.approx(recorded[domain][protocol])
+
+
+def test_every_model_sees_the_same_negatives(runs):
+    assert runs["tema"].metrics["negatives"] == runs["popularity"].metrics["negatives"]
+
+
+def test_report_labels_the_papers_numbers_and_draws_curves(runs, tmp_path):
+    paths = write_report([runs["tema"], runs["popularity"].out_dir], tmp_path / "report")
+    markdown = paths.markdown.read_text()
+    assert "Different data: not comparable" in markdown
+    assert "synthetic-cycles" in markdown and "TEMA-LLM" in markdown
+    assert "patience 50" in markdown
+    assert "## Ablations" in markdown and "### demo" in markdown
+    assert "999 sampled negatives" in markdown and "full ranking" in markdown
+    assert paths.html.read_text().startswith("<!DOCTYPE html>")
+    assert [p.name for p in paths.figures] == ["curves_tema-llm.png"]
+    assert all(p.stat().st_size > 1000 for p in paths.figures)
+    assert "curves_tema-llm.png" in paths.html.read_text()
