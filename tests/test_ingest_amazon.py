@@ -9,6 +9,7 @@ import gzip
 import json
 from pathlib import Path
 
+import duckdb
 import pyarrow.parquet as pq
 import pytest
 
@@ -342,3 +343,64 @@ def test_discovery_errors(tmp_path: Path) -> None:
         discover_amazon_files("amazon2018", folder, ("Toys", "Games"))
     with pytest.raises(SourceError, match="folder not found"):
         discover_amazon_files("amazon2018", tmp_path / "absent", None)
+
+
+def test_meta_lines_that_are_not_records_and_text_edges(tmp_path: Path) -> None:
+    """2018 meta: valid JSON that is not an object is malformed, an object without asin
+    misses a field; titles lose tags and the spaces ``trim`` removes (Unicode ones too)."""
+    reviews = {
+        "A": write_gz(tmp_path / "Food.json.gz", [review("u1", f"F{i}", i) for i in range(1, 6)]),
+        "B": write_gz(tmp_path / "Kitchen.json.gz", [review("u1", "K1", 1)]),
+    }
+    meta_lines = [
+        "[1, 2]",  # 1: JSON, not a record
+        json.dumps({"title": "no asin"}),  # 2
+        '  {"asin": "F1", "title": "\\u3000Green tea\\u00a0"}',  # 3: leading blanks before the object
+        json.dumps({"asin": "F2", "title": "<b></b>", "description": ["<p>", "</p>"]}),  # 4: only tags
+        json.dumps({"asin": "F3", "title": " <i>Mint</i>  tea\n"}),  # 5: trim keeps the newline
+        '"just a string"',  # 6
+        json.dumps({"asin": "F4", "title": "a < b and c > d"}),  # 7: not a tag
+        json.dumps({"asin": "", "title": "empty asin"}),  # 8
+    ]
+    meta = {"A": write_gz(tmp_path / "meta_Food.json.gz", meta_lines)}
+    out = tmp_path / "out"
+    ingest_amazon("amazon2018", reviews, meta, out, NAMES)
+    assert quarantine(out) == [
+        ("meta_Food.json.gz", 1, "malformed_json"),
+        ("meta_Food.json.gz", 2, "missing_field:asin"),
+        ("meta_Food.json.gz", 6, "malformed_json"),
+        ("meta_Food.json.gz", 8, "missing_field:asin"),
+    ]
+    items = {(r["domain"], r["item"]): r for r in read(out, ITEMS_FILE)}
+    assert items["A", "F1"]["title"] == "Green tea"
+    assert items["A", "F2"]["title"] is None and items["A", "F2"]["description"] is None
+    assert items["A", "F3"]["title"] == "Mint   tea\n"
+    assert items["A", "F4"]["title"] == "a < b and c > d"
+
+
+def test_duplicates_only_within_a_domain_and_first_kept(tmp_path: Path) -> None:
+    lines_a = [review("u1", "X", 5), review("u1", "X", 5), review("u1", "X", 6), review("u1", "X", 5)]
+    reviews = {
+        "A": write_gz(tmp_path / "Food.json.gz", lines_a),
+        "B": write_gz(tmp_path / "Kitchen.json.gz", [review("u1", "X", 5)]),  # same key, other domain: kept
+    }
+    out = tmp_path / "out"
+    report = ingest_amazon("amazon2018", reviews, {}, out, NAMES)
+    assert quarantine(out) == [
+        ("Food.json.gz", 2, "duplicate_interaction"),
+        ("Food.json.gz", 4, "duplicate_interaction"),
+    ]
+    assert [(r["domain"], r["timestamp"]) for r in read(out, INTERACTIONS_FILE)] == [("A", 5), ("A", 6), ("B", 5)]
+    assert report.interactions == 3 and set(report.timings) >= {"stage reviews_A", "stage reviews_B", "items"}
+
+
+def test_an_unreadable_file_is_an_error_and_leaves_no_output(tmp_path: Path) -> None:
+    reviews = {
+        "A": write_gz(tmp_path / "Food.json.gz", [review("u1", "F1", 1)]),
+        "B": tmp_path / "Kitchen.json.gz",
+    }
+    reviews["B"].write_bytes(gzip.compress(b'{"reviewerID": "u1"}\n')[:-12])  # truncated gzip stream
+    out = tmp_path / "out"
+    with pytest.raises(duckdb.IOException, match="GZIP"):
+        ingest_amazon("amazon2018", reviews, {}, out, NAMES)
+    assert not list(out.iterdir())  # no output, no temporary file

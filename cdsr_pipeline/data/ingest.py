@@ -49,6 +49,8 @@ class IngestReport:
     items: int = 0
     quarantined: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # Wall-clock seconds of the reader's steps, by name (steps may overlap in time).
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def quarantined_total(self) -> int:
@@ -106,28 +108,67 @@ def write_query_parquet(
     does not return must be nullable and are written as nulls (``given_id`` and the
     release columns of a raw dump).
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    reader = con.sql(query).to_arrow_reader(64 * 1024)
-    missing = [f.name for f in schema if f.name not in reader.schema.names]
-    required = [name for name in missing if not schema.field(name).nullable]
-    if required:
-        raise ValueError(f"query for {target.name} lacks required column(s): {', '.join(required)}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    rows = 0
-    try:
-        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-            for batch in reader:
-                columns = [
-                    pa.nulls(batch.num_rows, f.type) if f.name in missing else batch.column(f.name).cast(f.type)
-                    for f in schema
-                ]
-                writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=schema))
-                rows += batch.num_rows
-        os.replace(tmp, target)
-    except BaseException:
+    with QueryParquetFile(schema, path) as out:
+        out.write(con, query)
+    return out.rows
+
+
+class QueryParquetFile:
+    """A parquet file with exactly ``schema``, written from one query or several in turn.
+
+    Use it as a context manager: the rows go to a temporary file beside ``path``, which
+    replaces ``path`` when the block ends without an exception (and is removed
+    otherwise). Each :meth:`write` streams one query's result in batches, as
+    :func:`write_query_parquet` does; several writes append in order, so parts of one
+    output can be written as soon as each is ready. One writer at a time.
+    """
+
+    def __init__(self, schema: pa.Schema, path: str | os.PathLike[str]):
+        self.schema = schema
+        self.target = Path(path)
+        self.rows = 0
+        self._tmp: str | None = None
+        self._writer: pq.ParquetWriter | None = None
+
+    def __enter__(self) -> QueryParquetFile:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.target.name}.", suffix=".tmp", dir=self.target.parent)
+        os.close(fd)
+        self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
+        return self
+
+    def write(self, con: duckdb.DuckDBPyConnection, query: str) -> int:
+        """Append the result of ``query``; return its rows."""
+        if self._writer is None:
+            raise RuntimeError("QueryParquetFile.write outside its with-block")
+        reader = con.sql(query).to_arrow_reader(64 * 1024)
+        missing = [f.name for f in self.schema if f.name not in reader.schema.names]
+        required = [name for name in missing if not self.schema.field(name).nullable]
+        if required:
+            raise ValueError(f"query for {self.target.name} lacks required column(s): {', '.join(required)}")
+        rows = 0
+        for batch in reader:
+            columns = [
+                pa.nulls(batch.num_rows, f.type) if f.name in missing else batch.column(f.name).cast(f.type)
+                for f in self.schema
+            ]
+            self._writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=self.schema))
+            rows += batch.num_rows
+        self.rows += rows
+        return rows
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        writer, tmp = self._writer, self._tmp
+        assert writer is not None and tmp is not None
+        self._writer = None
+        try:
+            writer.close()
+            if exc_type is None:
+                os.replace(tmp, self.target)
+                return
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
-    return rows

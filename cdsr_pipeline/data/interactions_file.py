@@ -102,18 +102,17 @@ def _columns(con: duckdb.DuckDBPyConnection, path: Path, required: tuple[str, ..
     return columns
 
 
-def _stage(con: duckdb.DuckDBPyConnection, path: Path, parse_sql: str, work: Path, name: str) -> StagedRows:
+def _stage(con: duckdb.DuckDBPyConnection, path: Path, parse_sql: str, name: str) -> StagedRows:
     if _is_parquet(path):
         rows_sql = f"SELECT file_row_number AS idx, * FROM {_reader_sql(path, None)}"
-        return stage_rows(con, path, rows_sql, parse_sql, work / f"{name}.parquet", name, first_line=1, rejects=False)
-    blank_lines = blank_lines_sql(con, path, work / f"{name}_blank_lines.parquet", f"{name}_lines")
+        return stage_rows(con, path, rows_sql, parse_sql, name, first_line=1, rejects=False)
+    blank_lines = blank_lines_sql(con, path, f"{name}_lines")
     rows_sql = f"SELECT row_number() OVER () - 1 AS idx, * FROM {_reader_sql(path, name)}"
     return stage_rows(
         con,
         path,
         rows_sql,
         parse_sql,
-        work / f"{name}.parquet",
         name,
         first_line=2,  # after the header
         rejects=True,
@@ -199,8 +198,8 @@ def ingest_interactions_file(
 ) -> IngestReport:
     """Write ``interactions.parquet``, ``items.parquet`` and ``quarantine.parquet`` into ``out_dir``.
 
-    See the module docstring for the file format. ``temp_dir`` holds the staging files
-    and DuckDB's spill files (default: the system temp folder).
+    See the module docstring for the file format. ``temp_dir`` holds DuckDB's spill
+    files (default: the system temp folder).
     """
     path = require_file(path, "interactions file")
     items_path = require_file(items_path, "items file") if items_path is not None else None
@@ -214,7 +213,7 @@ def ingest_interactions_file(
         with closing(connect(Path(work) / "duckdb", memory_limit=memory_limit)) as con:
             con.execute("SET TimeZone = 'UTC'")  # ISO times without an offset are UTC
             _columns(con, path, INTERACTION_COLUMNS)
-            staged = {"interactions": _stage(con, path, _INTERACTIONS_PARSE_SQL, Path(work), "interactions")}
+            staged = {"interactions": _stage(con, path, _INTERACTIONS_PARSE_SQL, "interactions")}
             notes = []
             if items_path is not None:
                 columns = _columns(con, items_path, ITEM_COLUMNS)
@@ -222,7 +221,7 @@ def ingest_interactions_file(
                 if absent:
                     notes.append(f"items file has no {', '.join(absent)} column: none for any item")
                 parse = _items_parse_sql(columns, items_path.parent)
-                staged["items"] = _stage(con, items_path, parse, Path(work), "items")
+                staged["items"] = _stage(con, items_path, parse, "items")
             else:
                 notes.append("no items file: items have no title, description or image")
             if domain_names is None:
@@ -284,7 +283,7 @@ def _assemble(
         )
     create_item_tables(
         con,
-        out_dir / INTERACTIONS_FILE,
+        f"read_parquet({sql_str(out_dir / INTERACTIONS_FILE)})",
         "SELECT * FROM valid_items WHERE domain IS NOT NULL" if items else None,
         "idx BIGINT, item VARCHAR, domain VARCHAR, title VARCHAR, description VARCHAR, image_ref VARCHAR",
     )

@@ -13,8 +13,9 @@ Two paths, one output (the ``cdsr_sequences`` artifacts described in
   is training ("leave the last two out").
 - **released splits** (C2DSR, LLMCDSR): ids, sequences and split exactly as released.
 
-The filtering runs in DuckDB over parquet so that a dump of tens of millions of rows
-is processed with bounded memory.
+Strings (user and item ids) stay in DuckDB, which spills to disk under its memory
+limit; DuckDB numbers users and items, and the filter rounds and the sequence
+assembly run on those integers in numpy (about 40 bytes per interaction).
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import schema
-from .ingest import INTERACTIONS_FILE, ITEMS_FILE, connect, scalar, sql_str
+from .ingest import INTERACTIONS_FILE, ITEMS_FILE, connect, sql_str
 from ..storage import atomic_write_text, write_parquet_atomic
 
 DOMAINS_FILE = "domains.json"
@@ -204,70 +206,103 @@ def _released(source_dir: Path) -> tuple[pl.DataFrame, dict[str, pl.DataFrame]]:
 def _filter_and_split(
     source_dir: Path, config: FilterConfig, temp_dir: Path
 ) -> tuple[pl.DataFrame, dict[str, pl.DataFrame], int]:
+    """Filter the raw interactions to a fixpoint and split them (see the module docstring).
+
+    The string work runs in DuckDB (bounded memory, spilling to ``temp_dir``): users and
+    items get dense integer keys *in sorted order* (users by id, items by domain then
+    id), so that every later ordering is an integer ordering. The rounds and the
+    sequences then run in numpy on integer columns (about 40 bytes per interaction, the
+    strings stay in DuckDB): a round is three ``bincount`` calls instead of two
+    aggregations and two joins (3M interactions: 17 rounds in 0.6 s instead of 10 s).
+    """
+    interactions = f"read_parquet({sql_str(source_dir / INTERACTIONS_FILE)}, file_row_number = true)"
     con = connect(temp_dir)
     try:
-        # Filter on integer keys: every round scans a narrow table instead of strings.
         con.execute(
             f"""
-            CREATE TEMP TABLE raw AS
-            SELECT "user", item, domain, "timestamp", file_row_number AS ord
-            FROM read_parquet({sql_str(source_dir / INTERACTIONS_FILE)}, file_row_number = true)
-            WHERE domain IN ('A', 'B');
             CREATE TEMP TABLE user_keys AS
-            SELECT "user", (row_number() OVER ())::INTEGER AS uid FROM (SELECT DISTINCT "user" FROM raw);
+            SELECT "user", (row_number() OVER (ORDER BY "user") - 1)::INTEGER AS uid
+            FROM (SELECT DISTINCT "user" FROM {interactions} WHERE domain IN ('A', 'B'));
             CREATE TEMP TABLE item_keys AS
-            SELECT item, domain, (row_number() OVER ())::INTEGER AS iid FROM (SELECT DISTINCT item, domain FROM raw);
-            CREATE TEMP TABLE kept AS
-            SELECT uid, iid, domain = 'A' AS is_a, ord FROM raw JOIN user_keys USING ("user") JOIN item_keys USING (item, domain);
+            SELECT item, domain, (row_number() OVER (ORDER BY domain, item) - 1)::INTEGER AS iid
+            FROM (SELECT DISTINCT item, domain FROM {interactions} WHERE domain IN ('A', 'B'));
             """
         )
-        per_domain = max(config.min_items_per_domain, 1)  # active in both domains, always
-        rounds = 0
-        count = scalar(con, "SELECT count(*) FROM kept")
-        while True:
-            rounds += 1
-            con.execute(
-                f"""
-                CREATE OR REPLACE TEMP TABLE kept AS
-                WITH users_ok AS (
-                    SELECT uid FROM kept GROUP BY uid
-                    HAVING count(*) >= {config.min_user_interactions}
-                       AND count(*) FILTER (WHERE is_a) >= {per_domain}
-                       AND count(*) FILTER (WHERE NOT is_a) >= {per_domain}
-                ), items_ok AS (
-                    SELECT iid FROM kept GROUP BY iid HAVING count(*) >= {config.min_item_interactions}
-                )
-                SELECT k.* FROM kept k SEMI JOIN users_ok USING (uid) SEMI JOIN items_ok USING (iid)
-                """
-            )
-            new_count = scalar(con, "SELECT count(*) FROM kept")
-            if new_count == count:
-                break
-            count = new_count
-        con.execute(
+        # polars, not pyarrow, to numpy: pyarrow's to_numpy imports pandas where it is installed
+        rows = con.sql(
+            f"""
+            SELECT uid, iid, domain = 'A' AS is_a, "timestamp", file_row_number AS ord
+            FROM {interactions} JOIN user_keys USING ("user") JOIN item_keys USING (item, domain)
             """
-            CREATE TEMP TABLE item_ids AS
-            SELECT iid, item, domain, (row_number() OVER (ORDER BY domain, item) - 1)::BIGINT AS item_id
-            FROM item_keys SEMI JOIN (SELECT DISTINCT iid FROM kept) USING (iid)
-            """
-        )
-        item_ids = pl.from_arrow(con.sql("SELECT item, domain, item_id FROM item_ids ORDER BY item_id").to_arrow_table())
-        sequences = pl.from_arrow(
-            con.sql(
-                """
-                SELECT u."user",
-                       list(i.item_id ORDER BY r."timestamp", k.ord) AS sequence,
-                       list(r."timestamp" ORDER BY r."timestamp", k.ord) AS timestamps
-                FROM kept k
-                JOIN raw r USING (ord)
-                JOIN item_ids i USING (iid)
-                JOIN user_keys u USING (uid)
-                GROUP BY u."user" ORDER BY u."user"
-                """
-            ).to_arrow_table()
-        )
+        ).pl()
+        users = con.sql('SELECT "user" FROM user_keys ORDER BY uid').to_arrow_table().column("user")
+        item_keys = con.sql("SELECT item, domain FROM item_keys ORDER BY iid").to_arrow_table()
     finally:
         con.close()
+    uid, iid = (rows[c].to_numpy().astype(np.intp) for c in ("uid", "iid"))  # bincount's index type
+    is_a, ord_ = rows["is_a"].to_numpy(), rows["ord"].to_numpy()
+    ts_null = rows["timestamp"].is_null().to_numpy()
+    ts = rows["timestamp"].fill_null(0).to_numpy()
+    del rows
+    if len(ord_) and not (ord_[1:] > ord_[:-1]).all():  # back to file order (the join's may differ)
+        position = np.full(int(ord_.max()) + 1, -1, dtype=np.intp)
+        position[ord_] = np.arange(len(ord_))
+        file_order = position[position >= 0]
+        uid, iid, is_a, ts, ts_null = (a[file_order] for a in (uid, iid, is_a, ts, ts_null))
+    del ord_  # from here on, rows are in file order and stable sorts break ties by it
+    n_users, n_items = len(users), item_keys.num_rows
+
+    # Rounds until nothing changes; both filters of a round see the rows kept by the round
+    # before, as in the SQL formulation, so the number of rounds is the same.
+    per_domain = max(config.min_items_per_domain, 1)  # active in both domains, always
+    rounds = 0
+    kept = np.arange(len(uid))  # the surviving rows (file order)
+    while True:
+        rounds += 1
+        per_user = np.bincount(uid, minlength=n_users)
+        per_user_a = np.bincount(uid[is_a], minlength=n_users)
+        users_ok = (
+            (per_user >= config.min_user_interactions)
+            & (per_user_a >= per_domain)
+            & (per_user - per_user_a >= per_domain)
+        )
+        items_ok = np.bincount(iid, minlength=n_items) >= config.min_item_interactions
+        keep = users_ok[uid] & items_ok[iid]
+        if keep.all():
+            break
+        uid, iid, is_a, kept = uid[keep], iid[keep], is_a[keep], kept[keep]
+    ts, ts_null = ts[kept], ts_null[kept]
+
+    # Global item ids: kept items in (domain, item) order, domain A first (= iid order).
+    kept_items = np.flatnonzero(np.bincount(iid, minlength=n_items))
+    item_id_of = np.zeros(n_items, dtype=np.int64)
+    item_id_of[kept_items] = np.arange(len(kept_items), dtype=np.int64)
+    item_ids = pl.from_arrow(
+        item_keys.take(pa.array(kept_items, pa.int64())).append_column(
+            "item_id", pa.array(np.arange(len(kept_items)), pa.int64())
+        )
+    )
+    # Each user's history by time (nulls last), ties in file order (stable sorts); users
+    # by id (= uid order). One int64 key where (uid, time) fits in it, else a lexsort.
+    if len(ts) and not ts_null.any() and (span := int(ts.max()) - int(ts.min()) + 1) * n_users < 2**62:
+        order = np.argsort(uid.astype(np.int64) * span + (ts - ts.min()), kind="stable")
+    else:
+        order = np.lexsort((ts, ts_null, uid))
+    lengths = np.bincount(uid, minlength=n_users)
+    kept_users = np.flatnonzero(lengths)
+    lengths = lengths[kept_users]
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]), pa.int64())
+    sequences = pl.from_arrow(
+        pa.table(
+            {
+                "user": users.take(pa.array(kept_users, pa.int64())),
+                "sequence": pa.LargeListArray.from_arrays(offsets, pa.array(item_id_of[iid[order]], pa.int64())),
+                "timestamps": pa.LargeListArray.from_arrays(
+                    offsets, pa.array(ts[order], pa.int64(), mask=ts_null[order])
+                ),
+            }
+        )
+    )
 
     source_items = _read_source_items(source_dir).unique(["item", "domain"], keep="first", maintain_order=True)
     items = item_ids.join(source_items, on=["item", "domain"], how="left").sort("item_id")

@@ -1,10 +1,15 @@
-"""Source files parsed through DuckDB into staging parquet, with exact line numbers.
+"""Source files parsed through DuckDB into staging tables, with exact line numbers.
 
 DuckDB's CSV reader streams a file (gzip included) with bounded memory. A line dump
 (JSON lines, Python literals) is read as a one-column CSV (:func:`line_reader_sql`):
 the delimiter is ``\\x01``, which cannot occur in a valid JSON or Python-literal line
 (control characters are escaped there), with no quoting or escaping, so every line
 arrives whole as one VARCHAR value; an empty line arrives as NULL.
+
+Each file is read once, parsed in the same streaming pass and written to a table of the
+connection's in-memory database (:func:`stage_rows`): no parquet encoding and decoding
+in between, and DuckDB moves the table's blocks to its temp directory when it outgrows
+``memory_limit``, so memory stays bounded.
 
 Records that DuckDB cannot read (invalid UTF-8, a line over :data:`MAX_LINE_BYTES`, a
 stray ``\\x01``, a CSV row with the wrong number of fields) are stored in a rejects
@@ -56,15 +61,15 @@ def line_reader_sql(path: Path, *, rejects: str | None) -> str:
 
 @dataclass(frozen=True)
 class StagedRows:
-    """One source file parsed into a staging parquet file (file order), plus its gaps.
+    """One source file parsed into a staging table (file order), plus its gaps.
 
-    ``staged`` has a column ``idx`` (0-based index among the rows DuckDB produced) and
-    the parsed columns. DuckDB tables ``<name>_rejects`` (line, error_type, csv_line)
-    and ``<name>_shifts`` (the ASOF table of the module docstring) belong to it.
+    The table ``main.<name>_rows`` has a column ``idx`` (0-based index among the rows
+    DuckDB produced) and the parsed columns, in file order. DuckDB tables
+    ``<name>_rejects`` (line, error_type, csv_line) and ``<name>_shifts`` (the ASOF
+    table of the module docstring) belong to it.
     """
 
     source: Path
-    staged: Path
     name: str
     rows: int
     rejected: int
@@ -76,8 +81,12 @@ class StagedRows:
         """Records read: the rows and the rejected lines (not blank lines or a header)."""
         return self.rows + self.rejected
 
+    @property
+    def table(self) -> str:
+        return f"main.{self.name}_rows"
+
     def rows_sql(self) -> str:
-        return f"read_parquet({sql_str(self.staged)})"
+        return self.table
 
     def numbered(self, relation: str) -> str:
         """SQL for ``relation`` (which has ``idx``) with the true 1-based ``line`` added."""
@@ -109,29 +118,23 @@ def stage_rows(
     source: Path,
     rows_sql: str,
     parse_sql: str,
-    staged: Path,
     name: str,
     *,
     first_line: int,
     rejects: bool,
     skipped_lines_sql: str | None = None,
 ) -> StagedRows:
-    """Parse ``source`` in one streaming pass and write ``staged``.
+    """Parse ``source`` in one streaming pass into the table ``main.<name>_rows``.
 
     ``rows_sql`` gives ``idx`` and the reader's columns in file order (its reader stores
     rejects under ``name`` when ``rejects``); ``parse_sql`` is a query over that
     relation, named ``source_rows``, returning ``idx`` and the parsed columns.
     ``skipped_lines_sql`` gives the numbers (column ``line``) of lines the reader skips
     without a trace. The tables go to the ``main`` schema so that other cursors of the
-    same database (files staged concurrently) see them.
+    same database (files staged concurrently) see them. A plain ``CREATE TABLE AS``
+    keeps the rows in file order (insertion order is preserved).
     """
-    rows = scalar(
-        con,
-        f"""
-        COPY (WITH source_rows AS ({rows_sql}) {parse_sql})
-        TO {sql_str(staged)} (FORMAT parquet, COMPRESSION zstd)
-        """,
-    )
+    rows = scalar(con, f"CREATE TABLE main.{name}_rows AS WITH source_rows AS ({rows_sql}) {parse_sql}")
     if rejects:
         # DuckDB may report one line several times (once per problem): one row per line.
         con.execute(
@@ -155,12 +158,10 @@ def stage_rows(
     )
     rejected = scalar(con, f"SELECT count(*) FROM main.{name}_rejects")
     skipped = scalar(con, f"SELECT count(*) FROM ({skipped_lines_sql})") if skipped_lines_sql else 0
-    return StagedRows(
-        source=source, staged=staged, name=name, rows=rows, rejected=rejected, skipped=skipped, first_line=first_line
-    )
+    return StagedRows(source=source, name=name, rows=rows, rejected=rejected, skipped=skipped, first_line=first_line)
 
 
-def blank_lines_sql(con: duckdb.DuckDBPyConnection, source: Path, staged: Path, name: str) -> str:
+def blank_lines_sql(con: duckdb.DuckDBPyConnection, source: Path, name: str) -> str:
     """SQL giving the numbers (``line``) of the blank lines of a text file.
 
     For a CSV file: DuckDB's CSV reader skips blank lines without a trace, and they
@@ -171,7 +172,6 @@ def blank_lines_sql(con: duckdb.DuckDBPyConnection, source: Path, staged: Path, 
         source,
         f"SELECT row_number() OVER () - 1 AS idx, line FROM {line_reader_sql(source, rejects=name)}",
         "SELECT idx FROM source_rows WHERE line IS NULL",
-        staged,
         name,
         first_line=1,
         rejects=True,
@@ -206,18 +206,16 @@ def write_quarantine(con: duckdb.DuckDBPyConnection, parts: list[str], path: Pat
 
 
 def create_item_tables(
-    con: duckdb.DuckDBPyConnection, interactions_path: Path, records_sql: str | None, columns: str
+    con: duckdb.DuckDBPyConnection, interactions_sql: str, records_sql: str | None, columns: str
 ) -> None:
     """Tables every reader assembles its items from.
 
-    ``used_items(domain, item)``: the items of the written interactions, the only ones
-    the items table describes. ``item_records``: the valid records of the source's
-    item descriptions (``records_sql``), or an empty table with ``columns`` where the
-    source has none.
+    ``used_items(domain, item)``: the items of the kept interactions (``interactions_sql``,
+    a relation with ``domain`` and ``item``), the only ones the items table describes.
+    ``item_records``: the valid records of the source's item descriptions
+    (``records_sql``), or an empty table with ``columns`` where the source has none.
     """
-    con.execute(
-        f"CREATE TABLE used_items AS SELECT DISTINCT domain, item FROM read_parquet({sql_str(interactions_path)})"
-    )
+    con.execute(f"CREATE TABLE used_items AS SELECT DISTINCT domain, item FROM {interactions_sql}")
     if records_sql is None:
         con.execute(f"CREATE TABLE item_records ({columns})")
     else:
