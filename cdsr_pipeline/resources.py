@@ -11,7 +11,7 @@ from typing import Optional
 import dagster as dg
 from pydantic import Field
 
-from .data.sources import FORMATS, SourceSpec, demo_data_dir
+from .data.sources import FORMATS, SourceSpec, demo_source
 from .storage import ArtifactStore
 
 
@@ -37,10 +37,11 @@ class DatasetSource(dg.ConfigurableResource):
     items_path: Optional[str] = Field(default=None, description="Items file for the interactions format (optional).")
 
     def spec(self) -> SourceSpec:
-        path = self.path or str(demo_data_dir())
+        if not self.path:
+            return demo_source(tuple(self.domains) if self.domains else None)
         return SourceSpec(
             format=self.format,
-            path=path,
+            path=self.path,
             domains=tuple(self.domains) if self.domains else None,
             items_path=self.items_path,
         )

@@ -39,6 +39,7 @@ RELEASE_FILES = {
     ),
 }
 DEMO_DATASET = "llmcdsr-food-kitchen-sample"
+DEMO_DOMAINS = ("Food", "Kitchen")
 
 
 def demo_data_dir() -> Path:
@@ -82,6 +83,11 @@ class SourceSpec:
             "domains": list(self.domains) if self.domains else None,
             "items_path": str(self.items_path.resolve()) if self.items_path else None,
         }
+
+
+def demo_source(domains: tuple[str, str] | None = None) -> SourceSpec:
+    """The bundled demo sample: Amazon Grocery & Gourmet Food (A) and Home & Kitchen (B)."""
+    return SourceSpec(format="llmcdsr", path=demo_data_dir(), domains=domains or DEMO_DOMAINS)
 
 
 def source_files(spec: SourceSpec) -> list[Path]:
