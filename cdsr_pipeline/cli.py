@@ -97,8 +97,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("DAGSTER_HOME", str(storage / "dagster"))
     home = Path(os.environ["DAGSTER_HOME"])
     home.mkdir(parents=True, exist_ok=True)
-    # An empty dagster.yaml selects the default (SQLite) storage in DAGSTER_HOME, silently.
-    (home / "dagster.yaml").touch(exist_ok=True)
+    # Default (SQLite) storage in DAGSTER_HOME; no telemetry (offline machines, CI).
+    instance_yaml = home / "dagster.yaml"
+    if not instance_yaml.exists():
+        instance_yaml.write_text("telemetry:\n  enabled: false\n")
 
     import dagster as dg
 

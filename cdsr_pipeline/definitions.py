@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from .assets import features, ingest, llm
+from .assets import features, ingest, llm, training
 from .automation import full_pipeline, nightly_rerun, raw_source_changed
 from .resources import (
     DatasetSource,
@@ -14,7 +14,7 @@ from .resources import (
     TextEncoderResource,
 )
 
-stage_modules = [ingest, features, llm]
+stage_modules = [ingest, features, llm, training]
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules(stage_modules),

@@ -112,14 +112,15 @@ class LLMResource(dg.ConfigurableResource):
         "ollama: a model tag (default deepseek-r1:14b).",
     )
     n_threads: int = Field(default=2, description="embedded: CPU threads.")
-    generation_batch: int = Field(default=8, description="embedded: sequences generated together.")
+    generation_batch: int = Field(default=16, description="embedded: sequences generated together.")
+    precision: str = Field(default="f16", description="embedded: f16 (converted once; faster on CPU) or as_shipped.")
     host: Optional[str] = Field(default=None, description="ollama: server URL; empty: $OLLAMA_HOST or 127.0.0.1:11434.")
     timeout_s: float = Field(default=300.0, description="ollama: longest silence while waiting for an answer.")
     max_retries: int = Field(default=4, description="ollama: retries on connection errors, timeouts and 5xx.")
     max_concurrency: int = Field(default=4, description="ollama: requests in flight (match OLLAMA_NUM_PARALLEL).")
     think: Optional[bool] = Field(default=None, description="ollama: false turns a reasoning model's thinking off.")
 
-    def llm_config(self):
+    def llm_config(self, store: ArtifactStore):
         from .llm import EmbeddedConfig, LLMConfig, OllamaConfig
 
         if self.backend == "embedded":
@@ -127,6 +128,8 @@ class LLMResource(dg.ConfigurableResource):
                 model=self.model or EmbeddedConfig.model,
                 n_threads=self.n_threads,
                 generation_batch=self.generation_batch,
+                precision=self.precision,
+                model_dir=str(store.cache_dir("models")),
             )
             return LLMConfig(backend="embedded", embedded=embedded)
         if self.backend == "ollama":
@@ -141,16 +144,18 @@ class LLMResource(dg.ConfigurableResource):
             return LLMConfig(backend="ollama", ollama=ollama)
         raise ValueError(f"unknown LLM backend {self.backend!r}; use 'embedded' or 'ollama'")
 
-    def fingerprint(self) -> str:
-        """Backend and model (the GGUF file's hash for embedded; host and tag for Ollama).
+    def fingerprint(self, store: ArtifactStore) -> str:
+        """Backend and model (the GGUF file's hash and precision for embedded; host and tag for Ollama).
 
         Threads, batch sizes and concurrency do not change answers kept in the call log.
         """
         from .llm.embedded import resolve_model
         from .storage import stable_hash
 
-        config = self.llm_config()
+        config = self.llm_config(store)
         if config.backend == "embedded":
             resolved = resolve_model(config.embedded.model, config.embedded.model_dir)
-            return stable_hash({"backend": "embedded", "gguf_sha256": resolved.sha256})
+            return stable_hash(
+                {"backend": "embedded", "gguf_sha256": resolved.sha256, "precision": config.embedded.precision}
+            )
         return stable_hash({"backend": "ollama", "host": config.ollama.resolved_host(), "model": config.ollama.model})

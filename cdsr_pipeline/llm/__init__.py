@@ -20,7 +20,15 @@ from cdsr_pipeline.llm.backends import (
     open_backend,
 )
 from cdsr_pipeline.llm.calllog import CallLog, CallLogLockedError, CallStats, StageResult
-from cdsr_pipeline.llm.tag_matrix import TagMatrixConfig, build_tag_matrix, static_tag_matrix
+from cdsr_pipeline.llm.tag_matrix import (
+    REPRESENTATIONS,
+    SELECTIONS,
+    STATIC_VARIANT,
+    TagMatrixConfig,
+    build_tag_matrix,
+    static_tag_matrix,
+    variant_name,
+)
 from cdsr_pipeline.llm.tag_scoring import TagScoringConfig, TextEncoder, score_item_tags
 from cdsr_pipeline.llm.vocabulary import (
     VocabularyConfig,
@@ -34,6 +42,9 @@ CALL_LOG_FILE = "llm_calls.duckdb"
 
 __all__ = [
     "CALL_LOG_FILE",
+    "REPRESENTATIONS",
+    "SELECTIONS",
+    "STATIC_VARIANT",
     "AugmentationConfig",
     "BackendUnavailableError",
     "CallLog",
@@ -59,4 +70,5 @@ __all__ = [
     "open_backend",
     "score_item_tags",
     "static_tag_matrix",
+    "variant_name",
 ]

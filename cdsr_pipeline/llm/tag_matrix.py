@@ -33,6 +33,14 @@ import pyarrow as pa
 from cdsr_pipeline.data.schema import ITEM_TAG_MATRIX
 
 STOP_WORDS = frozenset({"and", "for", "the", "with", "from", "other", "all", "non"})
+SELECTIONS = ("top_r", "threshold", "hybrid")
+REPRESENTATIONS = ("one_hot", "unweighted", "weighted")
+STATIC_VARIANT = "static"
+
+
+def variant_name(selection: str, representation: str) -> str:
+    """The name of a tag-matrix variant (the ablations of TEMA Tables V and VI)."""
+    return f"{selection}-{representation}"
 _WORD = re.compile(r"[a-z0-9]+")
 
 

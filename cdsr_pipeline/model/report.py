@@ -30,10 +30,14 @@ from .metrics import METRICS  # noqa: E402
 from .trainer import TrainResult  # noqa: E402
 
 METRIC_LABELS = {"mrr": "MRR", "ndcg_5": "NDCG@5", "ndcg_10": "NDCG@10", "hr_10": "HR@10"}
-PROTOCOL_LABELS = {
-    "sampled": "999 sampled negatives (papers' protocol)",
-    "full": "full ranking over the target domain",
-}
+PAPERS_NEGATIVES = 999
+
+
+def protocol_label(protocol: str, negatives: int) -> str:
+    if protocol == "full":
+        return "full ranking over the target domain"
+    papers = " (papers' protocol)" if negatives == PAPERS_NEGATIVES else f" (the papers use {PAPERS_NEGATIVES})"
+    return f"{negatives} sampled negatives{papers}"
 
 # SPEC.md "Papers' headline numbers" (%): LLM-EMF Tables 2-3, TEMA-LLM Tables II-III.
 PAPERS_SOURCE = (
@@ -175,6 +179,10 @@ def write_report(
         raise ValueError(f"runs from different datasets cannot share a report: {sorted(datasets)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    protocols = {(r.metrics["negatives"]["count"], r.metrics["negatives"]["seed"]) for r in results}
+    if len(protocols) > 1:
+        raise ValueError(f"runs evaluated with different negatives (count, seed) cannot share a report: {sorted(protocols)}")
+    negatives = results[0].metrics["negatives"]["count"]
     stats = dataset_info or results[0].metrics["data"]["stats"]
     names = results[0].metrics["domain_names"]
     dataset = results[0].metrics["dataset"]
@@ -185,7 +193,7 @@ def write_report(
     _data_section(doc, stats, names, results)
     _runs_section(doc, results, names)
     for protocol in PROTOCOLS:
-        doc.heading(2, f"Results: {PROTOCOL_LABELS[protocol]}")
+        doc.heading(2, f"Results: {protocol_label(protocol, negatives)}")
         doc.paragraph(
             f"Test metrics in %, per target domain. **Papers' rule**: each domain at the epoch of its best validation "
             f"MRR under this protocol (epochs in the last column). **Best checkpoint**: the early-stopping epoch "
@@ -196,7 +204,7 @@ def write_report(
         doc.heading(3, "Best checkpoint")
         doc.table(*_results_table(results, names, protocol, per_domain=False))
         if protocol == "sampled":
-            _papers_section(doc, dataset, names)
+            _papers_section(doc, dataset, names, negatives)
     figures = _figures(results, names, out_dir)
     doc.heading(2, "Learning curves")
     doc.paragraph("Training loss and validation MRR per epoch; the dashed line marks the best checkpoint.")
@@ -300,19 +308,22 @@ def _results_table(
     return header, rows
 
 
-def _papers_section(doc: _Document, dataset: str, names: dict) -> None:
+def _papers_section(doc: _Document, dataset: str, names: dict, negatives: int) -> None:
     key = tuple(names[k].lower() for k in DOMAIN_KEYS)
     papers = PAPERS_RESULTS.get(key)
     if papers is None:
         return
     same_split = dataset.lower().startswith("c2dsr")
     doc.heading(3, "Papers' numbers (reference, not our runs)")
-    verdict = (
-        "Same split and protocol as ours; features, hyperparameters and training data availability may still differ."
-        if same_split
-        else f"**Different data: not comparable.** Our dataset is {dataset}; these numbers are on the papers' C2DSR "
-        "split, with different items, users and split."
-    )
+    if not same_split:
+        verdict = (
+            f"**Different data: not comparable.** Our dataset is {dataset}; these numbers are on the papers' C2DSR "
+            "split, with different items, users and split."
+        )
+    elif negatives != PAPERS_NEGATIVES:
+        verdict = f"**Different protocol: not comparable.** Ours used {negatives} negatives, the papers {PAPERS_NEGATIVES}."
+    else:
+        verdict = "Same split and protocol as ours; features, hyperparameters and training data may still differ."
     doc.paragraph(f"Source: {PAPERS_SOURCE}. {verdict}")
     metrics = ("mrr", "ndcg_5", "ndcg_10")
     header = ["Model (paper)"] + [f"{METRIC_LABELS[m]} ({names[k]})" for k in DOMAIN_KEYS for m in metrics]
