@@ -13,6 +13,7 @@ from cdsr_pipeline.model import PRESETS, TrainConfig, TrainResult, load_model, t
 from cdsr_pipeline.model.data import Domains, load_sequences
 from cdsr_pipeline.model.evaluate import EvaluationSplit, evaluate
 from cdsr_pipeline.model.trainer import BEST_CHECKPOINT, load_checkpoint
+from cdsr_pipeline.model.report import papers_results_for, protocol_label
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -144,3 +145,16 @@ def test_report_labels_the_papers_numbers_and_draws_curves(runs, tmp_path):
     assert [p.name for p in paths.figures] == ["curves_tema-llm.png"]
     assert all(p.stat().st_size > 1000 for p in paths.figures)
     assert "curves_tema-llm.png" in paths.html.read_text()
+
+
+def test_papers_numbers_are_found_by_domain_words():
+    assert papers_results_for(["Food", "Kitchen"]) is papers_results_for(["Grocery and Gourmet Food", "Home and Kitchen"])
+    assert papers_results_for(["Movies and TV", "Books"])["TEMA-LLM"][0][0] == 6.41
+    assert papers_results_for(["Kitchen", "Food"]) is None  # domain order matters: A is Food
+    assert papers_results_for(["Tea", "Pots"]) is None
+
+
+def test_sampled_protocol_label_says_when_it_is_not_the_papers():
+    assert protocol_label("sampled", 999) == "999 sampled negatives (papers' protocol)"
+    assert protocol_label("sampled", 100) == "100 sampled negatives (the papers use 999)"
+    assert protocol_label("full", 100) == "full ranking over the target domain"

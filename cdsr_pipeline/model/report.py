@@ -308,9 +308,21 @@ def _results_table(
     return header, rows
 
 
+def papers_results_for(domain_names) -> dict | None:
+    """The papers' numbers for a scenario whose domain names contain the papers' domain words.
+
+    "Food"/"Kitchen" and Amazon's "Grocery and Gourmet Food"/"Home and Kitchen" both match, as do
+    "Movie"/"Book" and "Movies and TV"/"Books" (a trailing "s" is ignored).
+    """
+    words = [{word.removesuffix("s") for word in name.lower().replace("&", " ").split()} for name in domain_names]
+    for (first, second), results in PAPERS_RESULTS.items():
+        if first in words[0] and second in words[1]:
+            return results
+    return None
+
+
 def _papers_section(doc: _Document, dataset: str, names: dict, negatives: int) -> None:
-    key = tuple(names[k].lower() for k in DOMAIN_KEYS)
-    papers = PAPERS_RESULTS.get(key)
+    papers = papers_results_for(names[k] for k in DOMAIN_KEYS)
     if papers is None:
         return
     same_split = dataset.lower().startswith("c2dsr")
