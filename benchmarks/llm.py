@@ -46,7 +46,7 @@ from cdsr_pipeline.llm import (  # noqa: E402
 RELEASE_ITEMS = 36_298
 SHARED_ITEMS = ROOT.parent / "shared" / "data" / "llmcdsr-food-kitchen" / "items.tsv"
 FIXTURE = ROOT / "tests" / "fixtures" / "llm_titles.tsv"
-DOMAIN_NAMES = {"A": "Food", "B": "Kitchen"}
+DOMAIN_NAMES = {"A": "Grocery and Gourmet Food", "B": "Home and Kitchen"}
 # Plausible vocabularies (what a strong model gives); only their token lengths matter here.
 TAGS = {
     "A": ["coffee", "tea", "snacks", "candy", "breakfast cereal", "baking supplies", "spices", "condiments",
