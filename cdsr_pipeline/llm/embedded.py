@@ -25,6 +25,7 @@ from itertools import groupby
 from pathlib import Path
 
 import llama_cpp
+from llama_cpp._utils import suppress_stdout_stderr
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from cdsr_pipeline.llm.llama_engine import GenerationRequest, LlamaEngine
@@ -108,7 +109,9 @@ def f16_copy(model: ResolvedModel, model_dir: str | os.PathLike[str] | None = No
         params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_F16
         params.allow_requantize = True  # the source is already quantized: dequantize it
         log.info("converting %s to F16 (once) -> %s", model.path, target)
-        code = llama_cpp.llama_model_quantize(str(model.path).encode(), str(partial).encode(), ctypes.byref(params))
+        # llama.cpp prints a line per tensor to the process's stdout: keep logs readable.
+        with suppress_stdout_stderr(disable=False):
+            code = llama_cpp.llama_model_quantize(str(model.path).encode(), str(partial).encode(), ctypes.byref(params))
         if code != 0:
             partial.unlink(missing_ok=True)
             raise RuntimeError(f"llama.cpp could not convert {model.path} to F16 (code {code})")
