@@ -132,3 +132,17 @@ def test_nobody_survives_gives_empty_splits_with_a_note(tmp_path):
     result = build_sequences(tmp_path / "raw", tmp_path / "seq", dataset="t", domain_names=("Tea", "Pots"))
     assert result.stats["train"] is None
     assert any("no user meets the filtering thresholds" in note for note in result.notes)
+
+
+def test_item_text_cleaning_decodes_entities_and_collapses_whitespace():
+    from cdsr_pipeline.data.sequences import _clean_item_texts
+
+    items = pl.DataFrame(
+        {
+            "title": ["Oat &amp; honey", "  a\u00a0 b\tc  ", None, "   ", "plain title"],
+            "description": ["&lt;b&gt;bold&lt;/b&gt;", "x\n\ny", None, None, "one  two"],
+        }
+    )
+    cleaned = _clean_item_texts(items)
+    assert cleaned["title"].to_list() == ["Oat & honey", "a b c", None, None, "plain title"]
+    assert cleaned["description"].to_list() == ["<b>bold</b>", "x y", None, None, "one two"]
