@@ -6,6 +6,7 @@ import csv
 import json
 
 import numpy as np
+import torch
 import pytest
 
 from cdsr_pipeline.features.encoders import (
@@ -114,6 +115,17 @@ def test_tiny_clip_text_and_image_end_to_end(tiny_spec, tiny_checkpoint):
 
     model = text_encoder.model
     assert not model.training and not any(p.requires_grad for p in model.parameters())
+
+
+def test_clip_text_runs_only_up_to_the_pooled_token_with_open_clips_result(tiny_spec):
+    encoder = load_text_encoder(tiny_spec)
+    assert encoder.trims_padding
+    texts = ["tea", "stainless steel chef knife with a long handle " * 3, "coffee", "knife " * 120, "a b c d"]
+    tokens = encoder.tokenizer(texts)
+    with torch.inference_mode():
+        reference = encoder.model.encode_text(tokens, normalize=True).numpy()
+    for batch_size in (1, 2, 5):
+        np.testing.assert_allclose(encoder.encode_texts(texts, batch_size=batch_size), reference, atol=1e-5)
 
 
 def test_clip_truncates_at_77_tokens(tiny_spec):
