@@ -54,7 +54,10 @@ Backend = Literal["open_clip", "sentence_transformers"]
 DEFAULT_OPEN_CLIP_MODEL = "ViT-B-32"
 DEFAULT_OPEN_CLIP_PRETRAINED = "laion2b_s34b_b79k"
 BUNDLED_MINILM_NAME = "all-MiniLM-L6-v2"
-DEFAULT_BATCH_SIZE = 64
+# Items per forward pass when not configured: on CPU the towers are compute-bound and
+# small batches stay in cache (benchmarks/encode.py: 16 beats 64 and 256 for MiniLM and
+# CLIP); a GPU wants larger ones.
+DEFAULT_BATCH_SIZE = {"cpu": 16, "cuda": 64}
 
 
 class EncoderConfigError(ValueError):
@@ -73,14 +76,15 @@ class EncoderSpec:
             downloaded once and cached by open_clip) or the path of a local checkpoint
             file. Must stay unset for sentence_transformers.
         device: ``cuda``, ``cpu``, ... ; ``None`` picks CUDA when present, else CPU.
-        batch_size: default batch size of ``encode_texts`` / ``encode_images``.
+        batch_size: default batch size of ``encode_texts`` / ``encode_images``;
+            ``None``: 16 on CPU, 64 on CUDA.
     """
 
     backend: Backend = "open_clip"
     model: str | None = None
     pretrained: str | None = None
     device: str | None = None
-    batch_size: int = DEFAULT_BATCH_SIZE
+    batch_size: int | None = None
 
     def resolved(self) -> EncoderSpec:
         """The same spec with every default filled in (what metadata should show)."""
@@ -106,14 +110,12 @@ class EncoderSpec:
             pretrained = None
         else:
             raise EncoderConfigError(f"unknown encoder backend '{self.backend}'")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise EncoderConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        device = self.device or default_device()
+        batch_size = self.batch_size or DEFAULT_BATCH_SIZE.get(torch.device(device).type, DEFAULT_BATCH_SIZE["cuda"])
         return EncoderSpec(
-            backend=self.backend,
-            model=model,
-            pretrained=pretrained,
-            device=self.device or default_device(),
-            batch_size=self.batch_size,
+            backend=self.backend, model=model, pretrained=pretrained, device=device, batch_size=batch_size
         )
 
 
