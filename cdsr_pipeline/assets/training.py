@@ -17,7 +17,7 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
-from ..model import FeatureInputs, TrainConfig, TrainResult, train_model, write_report
+from ..model import FeatureInputs, ModelConfig, TrainConfig, TrainResult, train_model, write_report
 from ..model.runs import ABLATION_GROUPS, MODELS, RunSpec, plan_runs
 from ..resources import StorageResource
 from ..storage import ArtifactStore, stable_hash
@@ -35,34 +35,35 @@ FEATURE_ASSETS = {
 
 
 class TrainingSettings(dg.Config):
-    """Which runs to train and how (SPEC "Model"; the papers' settings by default)."""
+    """Which runs to train and how (SPEC "Model"; the papers' settings by default,
+    taken from ``ModelConfig`` and ``TrainConfig``)."""
 
     models: list[str] = Field(
         default=["tema_llm", "llm_emf", "sasrec", "gru4rec", "popularity"], description=f"Any of {', '.join(MODELS)}."
     )
     ablations: list[str] = Field(default=[], description=f"Ablation tables to run: {', '.join(ABLATION_GROUPS)}.")
-    epochs: int = Field(default=100, description="Maximum epochs.")
-    patience: int = Field(default=10, description="Epochs without a better validation MRR before stopping.")
-    batch_size: int = Field(default=256, description="Sequences per step (every position is an example).")
-    learning_rate: float = Field(default=1e-3, description="Adam.")
-    weight_decay: float = Field(default=0.0, description="Adam.")
-    max_len: int = Field(default=50, description="Sequences are cut to their last max_len positions.")
+    epochs: int = Field(default=TrainConfig.epochs, description="Maximum epochs.")
+    patience: int = Field(default=TrainConfig.patience, description="Epochs without a better validation MRR before stopping.")
+    batch_size: int = Field(default=TrainConfig.batch_size, description="Sequences per step (every position is an example).")
+    learning_rate: float = Field(default=TrainConfig.learning_rate, description="Adam.")
+    weight_decay: float = Field(default=TrainConfig.weight_decay, description="Adam.")
+    max_len: int = Field(default=TrainConfig.max_len, description="Sequences are cut to their last max_len positions.")
     train_user_domains: list[str] = Field(
-        default=["both"], description="Training sequences by users' domains: both (cross-domain), A, B."
+        default=list(TrainConfig.train_user_domains), description="Training sequences by users' domains: both (cross-domain), A, B."
     )
-    hidden_dim: int = Field(default=256, description="ID embedding, encoder width and tag embedding size.")
-    temperature: float = Field(default=0.1, description="τ of the cosine scores.")
-    alpha: list[float] = Field(default=[0.4, 0.2, 0.2], description="Fusion weights of id, img, text; tag gets the rest.")
-    lambda1: float = Field(default=0.3, description="Weight of the other domain's sequence.")
-    lambda2: float = Field(default=0.1, description="Weight of the merged sequence.")
-    sequence_weighting: str = Field(default="target_relative", description="target_relative | as_written.")
-    dropout: float = Field(default=0.3)
-    loss_negatives: int | None = Field(default=None, description="Empty: full softmax; K: sampled-softmax speed-up.")
-    num_negatives: int = Field(default=999, description="Negatives per row of the sampled evaluation protocol.")
-    negatives_seed: int = Field(default=0, description="Seed of the evaluation negatives (same for every model).")
-    seed: int = Field(default=0, description="Initialisation, batch order and dropout.")
-    device: str = Field(default="auto", description="auto (CUDA when present), cpu or cuda.")
-    num_threads: int | None = Field(default=None, description="torch CPU threads; empty: torch's default.")
+    hidden_dim: int = Field(default=ModelConfig.hidden_dim, description="ID embedding, encoder width and tag embedding size.")
+    temperature: float = Field(default=ModelConfig.temperature, description="τ of the cosine scores.")
+    alpha: list[float] = Field(default=list(ModelConfig.alpha), description="Fusion weights of id, img, text; tag gets the rest.")
+    lambda1: float = Field(default=ModelConfig.lambda1, description="Weight of the other domain's sequence.")
+    lambda2: float = Field(default=ModelConfig.lambda2, description="Weight of the merged sequence.")
+    sequence_weighting: str = Field(default=ModelConfig.sequence_weighting, description="target_relative | as_written.")
+    dropout: float = Field(default=ModelConfig.dropout)
+    loss_negatives: int | None = Field(default=ModelConfig.loss_negatives, description="Empty: full softmax; K: sampled-softmax speed-up.")
+    num_negatives: int = Field(default=TrainConfig.num_negatives, description="Negatives per row of the sampled evaluation protocol.")
+    negatives_seed: int = Field(default=TrainConfig.negatives_seed, description="Seed of the evaluation negatives (same for every model).")
+    seed: int = Field(default=TrainConfig.seed, description="Initialisation, batch order and dropout.")
+    device: str = Field(default=TrainConfig.device, description="auto (CUDA when present), cpu or cuda.")
+    num_threads: int | None = Field(default=TrainConfig.num_threads, description="torch CPU threads; empty: torch's default.")
 
     def train_config(self, spec: RunSpec) -> TrainConfig:
         model = spec.model
