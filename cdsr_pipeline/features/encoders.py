@@ -208,8 +208,11 @@ class OpenClipTextEncoder(_FrozenEncoder):
         if not texts:
             return out
         tokens = self.tokenizer(list(texts))
-        ends = _pool_positions(self.model, tokens)
-        order = torch.argsort(ends, stable=True) if self.trims_padding else torch.arange(len(texts))
+        if self.trims_padding:
+            ends = _pool_positions(self.model, tokens)
+            order = torch.argsort(ends, stable=True)
+        else:
+            order = torch.arange(len(texts))
         with torch.inference_mode():
             for start in range(0, len(texts), step):
                 rows = order[start : start + step]
