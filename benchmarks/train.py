@@ -49,7 +49,7 @@ import torch
 from cdsr_pipeline.data import schema
 from cdsr_pipeline.data.releases import ingest_llmcdsr
 from cdsr_pipeline.data.sequences import build_sequences, format_statistics
-from cdsr_pipeline.model import PRESETS, FeatureInputs, TrainConfig
+from cdsr_pipeline.model import PRESETS, FeatureInputs, TrainConfig, layers
 from cdsr_pipeline.model.build import build_model
 from cdsr_pipeline.model.data import (
     Domains,
@@ -60,6 +60,7 @@ from cdsr_pipeline.model.data import (
     training_item_counts,
 )
 from cdsr_pipeline.model.evaluate import EvaluationSplit, evaluate
+from cdsr_pipeline.model.trainer import keep_freed_memory_for_reuse
 from cdsr_pipeline.storage import write_parquet_atomic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,6 +163,8 @@ def measure(model_name: str, sequences: Path, features: FeatureInputs, args: arg
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        keep_freed_memory_for_reuse()  # as train_model does
     model_config = PRESETS[model_name]
     if args.loss_negatives:
         model_config = replace(model_config, loss_negatives=args.loss_negatives)
@@ -190,9 +193,12 @@ def measure(model_name: str, sequences: Path, features: FeatureInputs, args: arg
     started = time.perf_counter()
     for index, rows in enumerate(run, 1):
         batch = make_batch(train, rows, domains, model.views)
-        for domain in (0, 1):  # 4 matmuls of [queries, hidden] x [hidden, |D|] per tower
+        for domain in (0, 1):  # matmuls of [queries, hidden] x [hidden, |D|] per tower:
+            # 3 when the logits are kept for backward, 4 when they are recomputed
             queries = sum(len(q) for q in batch.domains[domain].query_rows.values())
-            flop += 4 * 2 * queries * hidden * domains.sizes[domain] * len(model.towers)
+            logits = queries * domains.sizes[domain]
+            matmuls = 3 if logits <= layers.STORE_ELEMENTS.get(device.type, layers.STORE_ELEMENTS["cpu"]) else 4
+            flop += matmuls * 2 * logits * hidden * len(model.towers)
         batch = batch.to(device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = model.calculate_loss(batch)

@@ -155,8 +155,11 @@ def test_sampled_softmax_equals_the_full_one_when_it_samples_the_whole_domain():
 
 
 @pytest.mark.parametrize("max_logit", [None, 10.0])
-def test_chunked_logsumexp_matches_autograd(monkeypatch, max_logit):
-    monkeypatch.setitem(layers.CHUNK_ELEMENTS, "cpu", 64)  # several chunks
+@pytest.mark.parametrize("path", ["stored", "chunked"])
+def test_chunked_logsumexp_matches_autograd(monkeypatch, max_logit, path):
+    if path == "chunked":  # logits over the storing budget: several chunks, recomputed in backward
+        monkeypatch.setitem(layers.STORE_ELEMENTS, "cpu", 0)
+        monkeypatch.setitem(layers.CHUNK_ELEMENTS, "cpu", 64)
     generator = torch.Generator().manual_seed(1)
     queries = (torch.nn.functional.normalize(torch.randn(150, 8, generator=generator, dtype=torch.float64), dim=1) * 10).requires_grad_()
     candidates = torch.nn.functional.normalize(torch.randn(40, 8, generator=generator, dtype=torch.float64), dim=1).requires_grad_()
@@ -167,6 +170,14 @@ def test_chunked_logsumexp_matches_autograd(monkeypatch, max_logit):
     grads = torch.autograd.grad((ours * upstream).sum(), (queries, candidates))
     expected = torch.autograd.grad((reference * upstream).sum(), (queries, candidates))
     assert all(torch.allclose(a, b) for a, b in zip(grads, expected))
+
+
+def test_stored_logsumexp_refuses_a_second_backward_instead_of_a_wrong_gradient():
+    queries = torch.randn(5, 4, requires_grad=True)
+    out = chunked_logsumexp(queries, torch.randn(7, 4), None).sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        out.backward()
 
 
 def test_configs_round_trip_through_json_and_presets_are_valid():

@@ -158,3 +158,14 @@ def test_sampled_protocol_label_says_when_it_is_not_the_papers():
     assert protocol_label("sampled", 999) == "999 sampled negatives (papers' protocol)"
     assert protocol_label("sampled", 100) == "100 sampled negatives (the papers use 999)"
     assert protocol_label("full", 100) == "full ranking over the target domain"
+
+
+def test_freed_memory_is_kept_for_reuse_where_the_c_library_is_glibc():
+    import platform
+
+    from cdsr_pipeline.model.trainer import keep_freed_memory_for_reuse
+
+    assert keep_freed_memory_for_reuse() is (platform.libc_ver()[0] == "glibc")
+    big = torch.ones(16 * 2**20)  # 64 MB: from the heap now, not a fresh mmap; still usable and freed
+    assert big.sum().item() == 16 * 2**20
+    del big
