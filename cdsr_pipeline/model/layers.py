@@ -5,10 +5,11 @@ LLMCDSR Food-Kitchen one epoch over the 7,501 cross-domain users scores ~205k
 distinct (prefix, target domain) queries per tower (3 views x 90k positions, less the
 shared prefixes) against 8.7k or 27.6k items: ~3.9 G logits of 256-dim dot products
 per tower. :func:`chunked_logsumexp` computes the normaliser with a custom backward.
-When a call's logits fit in :data:`STORE_ELEMENTS` (a training batch of 256 sequences
-on that release: at most ~85 M per call, ~1.3 GB for all towers) the exponentiated
-logits are kept from forward to backward, which then costs two matmuls and one pass
-(3 matmuls per logit in all; 1.3-1.6x faster than recomputing). Larger calls run in
+When a call's logits fit in :data:`STORE_ELEMENTS` the exponentiated logits are kept
+from forward to backward, which then costs two matmuls and one pass (3 matmuls per
+logit in all; 1.3-1.6x faster than recomputing). On that release a batch of 256
+sequences gives 8-220 M logits per call (TEMA-LLM: six calls a step, up to ~3.3 GB
+kept); one batch in 30 passes the CPU budget for its larger domain. Larger calls run in
 row chunks and recompute each chunk's logits in backward (4 matmuls), so memory stays
 at one chunk where autograd would keep every intermediate of the softmax.
 """
