@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-STORE_ELEMENTS = {"cpu": 1 << 28, "cuda": 1 << 30}
-"""Logits per call kept for backward: up to 1 GiB on CPU, 4 GiB on CUDA."""
+STORE_ELEMENTS = {"cpu": 1 << 28, "cuda": 1 << 28}
+"""Logits per call kept for backward: up to 1 GiB (fp32) on CPU and CUDA alike, so the
+six calls of a TEMA-LLM step keep at most 6 GiB: within a 16 GB GPU."""
 CHUNK_ELEMENTS = {"cpu": 1 << 23, "cuda": 1 << 26}
 """Logits per chunk above that: 32 MB on CPU (a few hundred query rows: an efficient
 matmul shape while the elementwise passes stay small), 256 MB on CUDA (few, large kernels)."""
