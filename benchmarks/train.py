@@ -49,7 +49,7 @@ import torch
 from cdsr_pipeline.data import schema
 from cdsr_pipeline.data.releases import ingest_llmcdsr
 from cdsr_pipeline.data.sequences import build_sequences, format_statistics
-from cdsr_pipeline.model import PRESETS, FeatureInputs, TrainConfig, layers
+from cdsr_pipeline.model import PRESETS, FeatureInputs, TrainConfig
 from cdsr_pipeline.model.build import build_model
 from cdsr_pipeline.model.data import (
     Domains,
@@ -60,6 +60,7 @@ from cdsr_pipeline.model.data import (
     training_item_counts,
 )
 from cdsr_pipeline.model.evaluate import EvaluationSplit, evaluate
+from cdsr_pipeline.model.layers import keeps_logits
 from cdsr_pipeline.model.trainer import keep_freed_memory_for_reuse
 from cdsr_pipeline.storage import write_parquet_atomic
 
@@ -196,9 +197,8 @@ def measure(model_name: str, sequences: Path, features: FeatureInputs, args: arg
         for domain in (0, 1):  # matmuls of [queries, hidden] x [hidden, |D|] per tower:
             # 3 when the logits are kept for backward, 4 when they are recomputed
             queries = sum(len(q) for q in batch.domains[domain].query_rows.values())
-            logits = queries * domains.sizes[domain]
-            matmuls = 3 if logits <= layers.STORE_ELEMENTS.get(device.type, layers.STORE_ELEMENTS["cpu"]) else 4
-            flop += matmuls * 2 * logits * hidden * len(model.towers)
+            matmuls = 3 if keeps_logits(queries, domains.sizes[domain], device) else 4
+            flop += matmuls * 2 * queries * hidden * domains.sizes[domain] * len(model.towers)
         batch = batch.to(device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = model.calculate_loss(batch)

@@ -2,6 +2,7 @@
 checkpoints, report."""
 
 import dataclasses
+import platform
 
 import polars as pl
 import pytest
@@ -12,7 +13,7 @@ from model_synthetic import write_synthetic_features, write_synthetic_sequences
 from cdsr_pipeline.model import PRESETS, TrainConfig, TrainResult, load_model, train_model, write_report
 from cdsr_pipeline.model.data import Domains, load_sequences
 from cdsr_pipeline.model.evaluate import EvaluationSplit, evaluate
-from cdsr_pipeline.model.trainer import BEST_CHECKPOINT, load_checkpoint
+from cdsr_pipeline.model.trainer import BEST_CHECKPOINT, keep_freed_memory_for_reuse, load_checkpoint
 from cdsr_pipeline.model.report import papers_results_for, protocol_label
 
 
@@ -161,10 +162,6 @@ def test_sampled_protocol_label_says_when_it_is_not_the_papers():
 
 
 def test_freed_memory_is_kept_for_reuse_where_the_c_library_is_glibc():
-    import platform
-
-    from cdsr_pipeline.model.trainer import keep_freed_memory_for_reuse
-
     assert keep_freed_memory_for_reuse() is (platform.libc_ver()[0] == "glibc")
     big = torch.ones(16 * 2**20)  # 64 MB: from the heap now, not a fresh mmap; still usable and freed
     assert big.sum().item() == 16 * 2**20

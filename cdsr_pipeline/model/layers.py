@@ -33,12 +33,15 @@ EXP_SAFE = 80.0
 [-EXP_SAFE, EXP_SAFE] and ``N * exp(max)`` stays finite (fp32 exp overflows above ~88)."""
 
 
-def _device_budget(budgets: dict[str, int], tensor: torch.Tensor) -> int:
-    return budgets.get(tensor.device.type, budgets["cpu"])
+def keeps_logits(num_queries: int, num_candidates: int, device: torch.device) -> bool:
+    """Whether :func:`chunked_logsumexp` keeps this call's logits for backward (3
+    matmuls per logit) rather than recomputing them in chunks (4)."""
+    return num_queries * num_candidates <= STORE_ELEMENTS.get(device.type, STORE_ELEMENTS["cpu"])
 
 
 def _chunk_rows(queries: torch.Tensor, candidates: torch.Tensor) -> int:
-    return max(64, _device_budget(CHUNK_ELEMENTS, queries) // max(1, candidates.shape[0]))
+    budget = CHUNK_ELEMENTS.get(queries.device.type, CHUNK_ELEMENTS["cpu"])
+    return max(64, budget // max(1, candidates.shape[0]))
 
 
 def _needs_shift(max_logit: float | None, num_candidates: int) -> bool:
@@ -53,7 +56,7 @@ class _ChunkedLogSumExp(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, queries: torch.Tensor, candidates: torch.Tensor, max_logit: float | None) -> torch.Tensor:
-        if queries.shape[0] * candidates.shape[0] <= _device_budget(STORE_ELEMENTS, queries):
+        if keeps_logits(queries.shape[0], candidates.shape[0], queries.device):
             return _ChunkedLogSumExp._forward_stored(ctx, queries, candidates, max_logit)
         ctx.stored = False
         rows = _chunk_rows(queries, candidates)
