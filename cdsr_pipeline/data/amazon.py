@@ -2,12 +2,14 @@
 
 Two categories, as users download them from McAuley's lab pages, become the two
 domains (A = the first category). Every file streams through DuckDB
-(:mod:`cdsr_pipeline.data.staging`): one pass per file parses each line in SQL into a
+(:mod:`cdsr_pipeline.data.staging`): one pass per file, its lines read by
+:class:`~cdsr_pipeline.data.staging.TextLines`, parses each line in SQL into a
 staging table of an in-memory database; the outputs are then assembled from those
 with bounded memory (DuckDB spills to ``temp_dir``). Two files are read at a time
-(one DuckDB cursor each, largest first): a gzip stream decompresses on one core, and
-decompression is most of the cost (see ``benchmarks/ingest.py``). A review file's
-duplicates are found as soon as it is staged, while the other file is still read.
+(one DuckDB cursor each, largest first): a gzip stream inflates on one core, and
+inflating and parsing JSON are most of the cost (see ``benchmarks/ingest.py``). A
+review file's duplicates are found as soon as it is staged, while the other file is
+still read.
 
 Formats (field names of the public dumps):
 
@@ -89,10 +91,12 @@ from .ingest import (
 )
 from .staging import (
     StagedRows,
+    TextLines,
+    apply_line_rejects,
     create_item_tables,
     item_notes,
-    line_reader_sql,
     stage_rows,
+    too_long_sql,
     union_all,
     write_quarantine,
 )
@@ -303,7 +307,8 @@ def _review_parse_sql(fmt: AmazonFormat) -> str:
     paths = ", ".join(f"'$.{f}'" for f in (fmt.user_field, fmt.item_field, fmt.time_field))
     return f"""
         SELECT idx, "user", item, "timestamp",
-            CASE WHEN fields IS NULL THEN {_empty_line_or("malformed_json")}
+            CASE WHEN {too_long_sql()} THEN 'line_too_long'
+                 WHEN fields IS NULL THEN {_empty_line_or("malformed_json")}
                  WHEN coalesce("user", '') = '' THEN {_not_an_object_or(f"missing_field:{fmt.user_field}")}
                  WHEN coalesce(item, '') = '' THEN 'missing_field:{fmt.item_field}'
                  WHEN fields[3] IS NULL THEN 'missing_field:{fmt.time_field}'
@@ -331,7 +336,8 @@ def _meta_parse_sql(fmt: AmazonFormat) -> str:
     missing_item = f"missing_field:{fmt.meta_item_field}"
     return f"""
         SELECT idx, item, title, description, image_ref,
-            CASE WHEN fields IS NULL THEN {_empty_line_or(malformed)}
+            CASE WHEN {too_long_sql()} THEN 'line_too_long'
+                 WHEN fields IS NULL THEN {_empty_line_or(malformed)}
                  WHEN coalesce(item, '') = '' THEN {_not_an_object_or(missing_item, "json_line", malformed)}
             END AS reason,
             CASE WHEN reason IS NOT NULL THEN left(line, {RAW_PREVIEW_CHARS}) END AS raw
@@ -415,7 +421,7 @@ def _ingest(
     """Stage every file and write the three outputs, with the work spread over threads.
 
     Two workers (one DuckDB cursor each) stage the files, largest first: a gzip stream
-    decompresses on one core, and decompression is most of the cost. A review file's
+    inflates on one core, so the largest file sets the pace. A review file's
     duplicates are marked by its worker as soon as it is staged. This thread writes the
     kept reviews of each domain as soon as that domain is staged, A's first (usually
     while B's file is still being read); a last task, queued behind the files, writes
@@ -453,17 +459,19 @@ def _timed(report: IngestReport, step: str, function, *args):
 
 def _stage_file(con: duckdb.DuckDBPyConnection, fmt: AmazonFormat, source: _Source) -> StagedRows:
     """Parse one file into its staging table (own cursor); mark a review file's duplicates."""
-    lines = line_reader_sql(source.path, rejects=source.name)
+    lines = TextLines(source.path)
     with closing(con.cursor()) as cursor:
-        staged = stage_rows(
-            cursor,
-            source.path,
-            f"SELECT row_number() OVER () - 1 AS idx, line FROM {lines}",
-            _review_parse_sql(fmt) if source.kind == "reviews" else _meta_parse_sql(fmt),
-            source.name,
-            first_line=1,
-            rejects=True,
-        )
+        with lines.registered(cursor, f"{source.name}_chunks") as chunks:
+            staged = stage_rows(
+                cursor,
+                source.path,
+                lines.rows_sql(chunks),
+                _review_parse_sql(fmt) if source.kind == "reviews" else _meta_parse_sql(fmt),
+                source.name,
+                first_line=1,
+                rejects=False,
+            )
+        apply_line_rejects(cursor, staged.table, lines.rejected)
         if source.kind == "reviews":
             _mark_duplicate_reviews(cursor, fmt, staged)
     return staged
@@ -574,14 +582,13 @@ def _assemble(
 def _quarantine_parts(fmt: AmazonFormat, staged: dict[_Source, StagedRows]) -> list[str]:
     """Queries for every rejected line or field of every file (see :func:`write_quarantine`).
 
-    A review file's rejected rows include its duplicates (marked when it was staged).
+    Every line of a file is a row of its staging table (lines the reader could not
+    read included, with their reason); a review file's rejected rows include its
+    duplicates (marked when it was staged).
     """
     parts = []
     for file_no, (source, lines) in enumerate(staged.items()):
         head = f"SELECT {file_no} AS file_no, {sql_str(source.path)} AS source_file"
-        malformed = "malformed_literal" if source.kind == "meta" and fmt.meta_is_python_literal else "malformed_json"
-        if lines.rejected:
-            parts.append(f"{head}, line, reason, raw FROM {lines.rejects_sql(malformed)}")
         bad_rows = f"(SELECT idx, reason, raw FROM {lines.table} WHERE reason IS NOT NULL)"
         parts.append(f"{head}, line, reason, raw FROM {lines.numbered(bad_rows)}")
         if source.kind == "meta":

@@ -1,7 +1,23 @@
 """Source files parsed through DuckDB into staging tables, with exact line numbers.
 
-DuckDB's CSV reader streams a file (gzip included) with bounded memory. A line dump
-(JSON lines, Python literals) is read as a one-column CSV (:func:`line_reader_sql`):
+Two readers of text files:
+
+- **Line dumps** (JSON lines, Python literals: the Amazon files) stream through
+  :class:`TextLines`: the file is inflated with ISA-L (``isal``, about three times
+  zlib's speed, outside the GIL) in a Python thread and handed to DuckDB as Arrow
+  batches of whole lines, one chunk of text per batch; DuckDB splits the chunks
+  into lines and parses them on all its threads. Every line is a row (row ``idx``
+  is on line ``idx + 1``); lines that cannot be read (invalid UTF-8, longer than
+  :data:`MAX_LINE_BYTES`) are recorded by the reader and reach DuckDB empty, and
+  :func:`apply_line_rejects` gives their rows the reason. DuckDB's own CSV reader
+  decompresses a gzip file and parses its lines on a single thread: this reader
+  stages a dump's reviews in less than half the time (``benchmarks/ingest.py``).
+- **CSV files** are read by DuckDB's CSV reader; :func:`line_reader_sql` reads a
+  file's raw lines with it, to find the blank lines it skips (see below).
+
+
+DuckDB's CSV reader streams a file (gzip included) with bounded memory. A file's raw
+lines are read as a one-column CSV (:func:`line_reader_sql`):
 the delimiter is ``\\x01``, which cannot occur in a valid JSON or Python-literal line
 (control characters are escaped there), with no quoting or escaping, so every line
 arrives whole as one VARCHAR value; an empty line arrives as NULL.
@@ -25,18 +41,29 @@ the number of gaps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import duckdb
+import numpy as np
+import pyarrow as pa
+from isal import igzip, isal_zlib
 
 from . import schema
-from .ingest import RAW_PREVIEW_CHARS, scalar, sql_str, write_query_parquet
+from .ingest import RAW_PREVIEW_CHARS, SourceError, scalar, sql_str, write_query_parquet
 
-# Longer lines are quarantined as ``line_too_long``. DuckDB's read buffer is 16 times
-# this (64 MiB per file being read), so it also sets the scans' memory. Real dumps stay
-# below (their longest records, 2023 meta, are a few hundred KB).
+# Longer lines are quarantined as ``line_too_long``. It bounds the text a reader holds
+# for one line (DuckDB's CSV read buffer is 16 times this). Real dumps stay below
+# (their longest records, 2023 meta, are a few hundred KB).
 MAX_LINE_BYTES = 4 * 1024 * 1024
+# Inflated bytes per batch of :class:`TextLines`: large enough that the per-batch cost
+# vanishes, small enough that DuckDB's threads each get batches of a 100 MB file.
+CHUNK_BYTES = 16 * 1024 * 1024
+_GZIP_MAGIC = b"\x1f\x8b"
+_UTF8_BOM = b"\xef\xbb\xbf"
 
 
 def rejects_options(name: str | None) -> str:
@@ -177,6 +204,180 @@ def blank_lines_sql(con: duckdb.DuckDBPyConnection, source: Path, name: str) -> 
         rejects=True,
     )
     return f"SELECT line FROM {blanks.numbered(blanks.rows_sql())}"
+
+
+# -- line dumps ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LineReject:
+    """A line that :class:`TextLines` could not hand over as text."""
+
+    line: int  # 1-based
+    reason: str  # ``bad_encoding`` or ``line_too_long``
+    raw: str  # the start of the line, undecodable bytes replaced
+
+
+@dataclass
+class TextLines:
+    """The lines of a text file (gzip, by its magic bytes, or plain), streamed to DuckDB.
+
+    :meth:`reader` gives Arrow batches ``(first_idx, text)``: ``text`` is a chunk of
+    whole lines (valid UTF-8, newlines inside, none at the end) whose first line has
+    0-based index ``first_idx``; :meth:`rows_sql` splits them into ``(idx, line)``
+    rows, every line of the file one row in file order (DuckDB keeps the batches'
+    order). An empty line is NULL (like DuckDB's CSV reader); a line ending in
+    ``\\r\\n`` loses the ``\\r``; a UTF-8 byte order mark at the start is skipped.
+
+    A line with invalid UTF-8 reaches DuckDB empty (NULL) and is listed in
+    :attr:`rejected`; so is a line longer than :data:`MAX_LINE_BYTES` that has not
+    ended when the reader holds that many bytes of it (the rest of it is skipped
+    unread). A long line that fits in a chunk reaches DuckDB whole: the parsing SQL
+    checks the length (:func:`too_long_sql`). :attr:`rejected` is complete once the
+    reader is exhausted.
+    """
+
+    path: Path
+    chunk_bytes: int = CHUNK_BYTES
+    rejected: list[LineReject] = field(default_factory=list)
+    read_error: SourceError | None = None
+
+    SCHEMA = pa.schema([("first_idx", pa.int64()), ("text", pa.string())])
+
+    def reader(self) -> pa.RecordBatchReader:
+        return pa.RecordBatchReader.from_batches(self.SCHEMA, self._batches())
+
+    @contextmanager
+    def registered(self, con: duckdb.DuckDBPyConnection, name: str) -> Iterator[str]:
+        """The batches of :meth:`reader` as the relation ``name`` of ``con``.
+
+        A file that cannot be read (a truncated or corrupt gzip stream) raises a
+        :class:`SourceError` naming it; DuckDB would wrap it in its own error.
+        """
+        con.register(name, self.reader())
+        try:
+            yield name
+        except duckdb.Error as error:
+            if self.read_error is not None:
+                raise self.read_error from error
+            raise
+        finally:
+            con.unregister(name)
+
+    @staticmethod
+    def rows_sql(relation: str) -> str:
+        """SQL: ``(idx, line)`` for the batches of :meth:`reader`, registered as ``relation``."""
+        split = f"SELECT first_idx, string_split(text, chr(10)) AS lines FROM {relation}"
+        line = "CASE WHEN suffix(line, chr(13)) THEN nullif(rtrim(line, chr(13)), '') ELSE nullif(line, '') END"
+        return (
+            f"SELECT idx, {line} AS line FROM "
+            f"(SELECT first_idx + generate_subscripts(lines, 1) - 1 AS idx, unnest(lines) AS line FROM ({split}))"
+        )
+
+    def _open(self) -> BinaryIO:
+        with open(self.path, "rb") as probe:
+            gzipped = probe.read(2) == _GZIP_MAGIC
+        # igzip inflates outside the GIL, so two files read in parallel use two cores
+        return igzip.open(self.path, "rb") if gzipped else open(self.path, "rb")
+
+    def _batches(self) -> Iterator[pa.RecordBatch]:
+        """Per chunk read, up to two batches: the line that began in an earlier chunk
+        (short: the only bytes copied) and the chunk's own whole lines (no copy)."""
+        max_line = MAX_LINE_BYTES  # read when reading starts (tests lower it)
+        first_idx = 0  # index of the first line not yet handed over
+        rest = b""  # the start of that line, read but not ended
+        skipping = False  # inside an over-long line, already handed over empty
+        with self._open() as handle:
+            data = self._read(handle, max(self.chunk_bytes, len(_UTF8_BOM)))
+            if data.startswith(_UTF8_BOM):
+                data = data[len(_UTF8_BOM) :] or self._read(handle)
+            while data:
+                first = data.find(b"\n")
+                if first < 0:  # no line ends in this chunk
+                    if not skipping:
+                        rest += data
+                        if len(rest) > max_line:
+                            self.rejected.append(LineReject(first_idx + 1, "line_too_long", _preview(rest)))
+                            yield self._batch(first_idx, b"")
+                            first_idx, rest, skipping = first_idx + 1, b"", True
+                    data = self._read(handle)
+                    continue
+                if skipping:
+                    skipping = False
+                else:
+                    yield self._batch(first_idx, rest + data[:first])
+                    first_idx += 1
+                last = data.rfind(b"\n")
+                if last > first:
+                    body = memoryview(data)[first + 1 : last]
+                    yield self._batch(first_idx, body)
+                    first_idx += int(np.count_nonzero(np.frombuffer(body, dtype=np.uint8) == 10)) + 1
+                rest = data[last + 1 :]
+                data = self._read(handle)
+            if rest and not skipping:  # the last line, without a newline
+                yield self._batch(first_idx, rest)
+
+    def _read(self, handle: BinaryIO, size: int | None = None) -> bytes:
+        try:
+            return handle.read(size or self.chunk_bytes)
+        except (OSError, EOFError, isal_zlib.error) as error:  # corrupt or truncated gzip, I/O
+            self.read_error = SourceError(f"{self.path}: unreadable ({error})")
+            raise self.read_error from error
+
+    def _batch(self, first_idx: int, text: bytes | memoryview) -> pa.RecordBatch:
+        values = _one_string(text)
+        try:
+            values.validate(full=True)  # UTF-8 (DuckDB trusts Arrow strings)
+        except pa.ArrowInvalid:
+            values = _one_string(self._blank_undecodable(first_idx, bytes(text)))
+        return pa.record_batch([pa.array([first_idx], pa.int64()), values], schema=self.SCHEMA)
+
+    def _blank_undecodable(self, first_idx: int, text: bytes) -> bytes:
+        """``text`` with its lines of invalid UTF-8 emptied (and recorded)."""
+        lines = text.split(b"\n")
+        for number, line in enumerate(lines):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                self.rejected.append(LineReject(first_idx + number + 1, "bad_encoding", _preview(line)))
+                lines[number] = b""
+        return b"\n".join(lines)
+
+
+def _one_string(text: bytes | memoryview) -> pa.StringArray:
+    """A one-value Arrow string array over ``text`` (no copy, not validated)."""
+    offsets = pa.py_buffer(np.array([0, len(text)], dtype=np.int32))
+    return pa.StringArray.from_buffers(1, offsets, pa.py_buffer(text))
+
+
+def _preview(line: bytes) -> str:
+    return line[: RAW_PREVIEW_CHARS * 4].decode("utf-8", "replace").rstrip("\r")[:RAW_PREVIEW_CHARS]
+
+
+def too_long_sql(line: str = "line") -> str:
+    """SQL: whether ``line`` is longer than :data:`MAX_LINE_BYTES` (read at call time)."""
+    return f"strlen({line}) > {MAX_LINE_BYTES}"
+
+
+def apply_line_rejects(con: duckdb.DuckDBPyConnection, table: str, rejected: list[LineReject]) -> None:
+    """Give the rows of ``table`` (``idx``, ``reason``, ``raw``) of the lines that
+    :class:`TextLines` rejected their reason and raw text (their parse saw an empty line)."""
+    if not rejected:
+        return
+    rejects = pa.table(
+        {
+            "idx": pa.array([r.line - 1 for r in rejected], pa.int64()),
+            "reason": pa.array([r.reason for r in rejected], pa.string()),
+            "raw": pa.array([r.raw for r in rejected], pa.string()),
+        }
+    )
+    con.register("line_rejects", rejects)
+    try:
+        con.execute(
+            f"UPDATE {table} SET reason = r.reason, raw = r.raw FROM line_rejects r WHERE {table}.idx = r.idx"
+        )
+    finally:
+        con.unregister("line_rejects")
 
 
 # -- assembling the outputs ------------------------------------------------------------
