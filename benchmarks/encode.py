@@ -19,7 +19,7 @@ to encode the 36,298 items of the Food-Kitchen release at the best batched rate.
 
 Usage::
 
-    .venv/bin/python benchmarks/encode.py              # about two minutes on 2 free CPU cores
+    .venv/bin/python benchmarks/encode.py              # about three minutes on 2 free CPU cores
     .venv/bin/python benchmarks/encode.py --quick      # a smoke run
     .venv/bin/python benchmarks/encode.py --json out.json
 """
@@ -274,9 +274,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="auto: CPU, and CUDA too when present",
     )
-    parser.add_argument("--text-items", type=int, default=384, help="titles per batched MiniLM run")
+    parser.add_argument("--text-items", type=int, default=1024, help="titles per batched MiniLM run")
     parser.add_argument("--clip-items", type=int, default=64, help="titles/pictures per batched CLIP run")
-    parser.add_argument("--one-by-one", type=int, default=16, help="items encoded one at a time")
+    parser.add_argument("--one-by-one", type=int, default=32, help="items encoded one at a time")
     parser.add_argument("--text-batches", type=_ints, default=[16, 64, 256])
     parser.add_argument("--clip-batches", type=_ints, default=[16, 64])
     parser.add_argument("--quick", action="store_true", help="a smoke run with few items")

@@ -16,6 +16,7 @@ from cdsr_pipeline.features.encoders import (
     EncoderConfigError,
     EncoderSpec,
     bundled_minilm_dir,
+    length_batches,
     load_image_encoder,
     load_text_encoder,
 )
@@ -31,6 +32,19 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_spec(tiny_checkpoint):
     return EncoderSpec(model=TINY_CLIP_MODEL, pretrained=str(tiny_checkpoint), device="cpu", batch_size=4)
+
+
+# -- forward passes of similar length -------------------------------------------
+def test_length_batches_group_similar_lengths_within_the_padding_slack():
+    lengths = np.array([5, 3, 3, 9, 4, 3, 20, 3])
+    batches = length_batches(lengths, max_rows=3)
+    # shortest first, every position once, at most three a pass
+    assert np.array_equal(np.concatenate(batches), np.argsort(lengths, kind="stable"))
+    assert [b.tolist() for b in batches] == [[1, 2, 5], [7], [4], [0], [3], [6]]
+    for batch in batches:  # padding to the longest adds at most 10% to the pass's own tokens
+        assert len(batch) * lengths[batch].max() <= 1.1 * lengths[batch].sum()
+    assert [b.tolist() for b in length_batches(np.array([4, 4, 4, 4]), max_rows=8)] == [[0, 1, 2, 3]]
+    assert length_batches(np.array([], dtype=np.int64), max_rows=4) == []
 
 
 # -- spec rules (no weights loaded) ---------------------------------------------
@@ -179,3 +193,14 @@ def test_minilm_puts_similar_products_closer():
     np.fill_diagonal(same, False)
     different = groups[:, None] != groups[None, :]
     assert similarity[same].mean() > similarity[different].mean() + 0.2
+
+
+@pytest.mark.slow
+def test_minilm_passes_grouped_by_token_count_give_sentence_transformers_vectors():
+    encoder = load_text_encoder(EncoderSpec(backend="sentence_transformers", device="cpu"))
+    titles = [row["title"] for row in read_titles()]
+    # varied lengths, an empty text, and one past MiniLM's 256-token limit (truncated)
+    texts = titles + [" ".join(titles), "", "tea " * 400, titles[0] + " " + titles[1]]
+    expected = encoder.model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    for batch_size in (1, 3, 64):
+        np.testing.assert_allclose(encoder.encode_texts(texts, batch_size=batch_size), expected, atol=1e-5)

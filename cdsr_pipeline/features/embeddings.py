@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 Payload = TypeVar("Payload")
 
 DEFAULT_CHUNK_SIZE = 1024
+# Texts handed to a text encoder at once (at most a chunk): it groups a call's texts by
+# token count into forward passes of ``batch_size``, so larger calls pad less; this
+# many keeps the progress bar moving every few seconds on CPU.
+TEXTS_PER_CALL = 256
 # Parts beyond this count are merged into one at the end of a run.
 MAX_CACHE_PARTS = 32
 
@@ -215,17 +219,18 @@ def encode_texts_by_item(
     todo = {
         sha: text for sha, text in zip(hashes, cleaned, strict=True) if sha is not None and sha not in known
     }
-    # Similar lengths in one batch waste less on padding; the order is deterministic.
+    # Similar lengths in one call waste less on padding; the order is deterministic.
     ordered = sorted(todo.items(), key=lambda entry: (len(entry[1]), entry[0]))
+    per_pass = batch_size or encoder.batch_size
 
     def encode_batch(batch: Sequence[str]) -> tuple[np.ndarray, dict[int, str]]:
-        return encoder.encode_texts(batch, batch_size=len(batch)), {}
+        return encoder.encode_texts(batch, batch_size=per_pass), {}
 
     _encode_into_cache(
         cache,
         ordered,
         encode_batch,
-        batch_size=batch_size or encoder.batch_size,
+        batch_size=max(per_pass, min(TEXTS_PER_CALL, chunk_size)),
         chunk_size=chunk_size,
         desc=f"encode {feature}",
         progress=progress,
