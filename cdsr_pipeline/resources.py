@@ -56,7 +56,7 @@ class _EncoderResource(dg.ConfigurableResource):
         default=None, description="open_clip: pretrained tag (downloaded once, cached) or a local checkpoint file."
     )
     device: Optional[str] = Field(default=None, description="cuda / cpu; empty: CUDA when present.")
-    batch_size: Optional[int] = Field(default=None, description="Items per forward pass; empty: 16 on CPU, 64 on CUDA.")
+    batch_size: Optional[int] = Field(default=None, description="Items per forward pass; empty: 64.")
 
     def spec(self):
         from .features.encoders import EncoderSpec

@@ -54,8 +54,8 @@ def test_open_clip_defaults_are_vit_b32_laion():
     assert (DEFAULT_OPEN_CLIP_MODEL, DEFAULT_OPEN_CLIP_PRETRAINED) == ("ViT-B-32", "laion2b_s34b_b79k")
 
 
-def test_batch_size_defaults_per_device_and_keeps_a_configured_one():
-    assert EncoderSpec(device="cpu").resolved().batch_size == 16
+def test_batch_size_defaults_to_64_and_keeps_a_configured_one():
+    assert EncoderSpec(device="cpu").resolved().batch_size == 64
     assert EncoderSpec(device="cuda").resolved().batch_size == 64
     assert EncoderSpec(device="cpu", batch_size=8).resolved().batch_size == 8
 
