@@ -371,13 +371,12 @@ def apply_line_rejects(con: duckdb.DuckDBPyConnection, table: str, rejected: lis
             "raw": pa.array([r.raw for r in rejected], pa.string()),
         }
     )
-    con.register("line_rejects", rejects)
+    name = f"{table.replace('.', '_')}_line_rejects"  # one per table: files are staged concurrently
+    con.register(name, rejects)
     try:
-        con.execute(
-            f"UPDATE {table} SET reason = r.reason, raw = r.raw FROM line_rejects r WHERE {table}.idx = r.idx"
-        )
+        con.execute(f"UPDATE {table} SET reason = r.reason, raw = r.raw FROM {name} r WHERE {table}.idx = r.idx")
     finally:
-        con.unregister("line_rejects")
+        con.unregister(name)
 
 
 # -- assembling the outputs ------------------------------------------------------------
