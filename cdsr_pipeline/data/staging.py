@@ -15,7 +15,6 @@ Two readers of text files:
 - **CSV files** are read by DuckDB's CSV reader; :func:`line_reader_sql` reads a
   file's raw lines with it, to find the blank lines it skips (see below).
 
-
 DuckDB's CSV reader streams a file (gzip included) with bounded memory. A file's raw
 lines are read as a one-column CSV (:func:`line_reader_sql`):
 the delimiter is ``\\x01``, which cannot occur in a valid JSON or Python-literal line
@@ -73,12 +72,9 @@ def rejects_options(name: str | None) -> str:
     return f"store_rejects = true, rejects_table = '{name}_errors', rejects_scan = '{name}_scans'"
 
 
-def line_reader_sql(path: Path, *, rejects: str | None) -> str:
-    """``read_csv`` of ``path`` as one VARCHAR column ``line``, one row per line.
-
-    Skipping (``rejects=None``) drops exactly the lines that storing would keep, so
-    both give the same rows.
-    """
+def line_reader_sql(path: Path, *, rejects: str) -> str:
+    """``read_csv`` of ``path`` as one VARCHAR column ``line``, one row per line; the
+    records it cannot read are stored under ``rejects`` (:func:`rejects_options`)."""
     return (
         f"read_csv({sql_str(path)}, columns = {{'line': 'VARCHAR'}}, delim = chr(1), quote = '', "
         f"escape = '', header = false, auto_detect = false, compression = 'auto', "
