@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import dagster as dg
 
+from .assets.training import OPTIONAL_TRAINING_ASSETS
 from .data.sources import source_files
 from .resources import DatasetSource, StorageResource
 from .storage import stable_hash
 
 full_pipeline = dg.define_asset_job(
     "cdsr_full_pipeline",
-    selection=dg.AssetSelection.all(),
-    description="Every stage, from the raw source to the evaluation report. Unchanged stages reuse their artifacts.",
+    selection=dg.AssetSelection.all() - dg.AssetSelection.assets(*OPTIONAL_TRAINING_ASSETS),
+    description="Every stage, from the raw source to the evaluation report, and the default models (not the "
+    "ablation tables nor the fused TEMA-LLM: select those by name). Unchanged stages reuse their artifacts.",
 )
 
 

@@ -6,6 +6,9 @@
   config and code are unchanged reuse their artifacts.
 - ``cdsr stats PATH --format FORMAT [--json]`` prints the split statistics of any
   supported source in the shape of the papers' Table 1.
+- ``cdsr llm-log export FILE [--stage S]`` / ``cdsr llm-log import FILE`` move recorded
+  LLM answers between storages as one parquet file (verified on import; a recorded
+  answer is never replaced).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -21,6 +25,7 @@ from pathlib import Path
 from .data.ingest import SourceError
 from .data.sequences import FilterConfig, build_sequences, format_statistics
 from .data.sources import FORMATS, SourceSpec, ingest_source
+from .llm.calllog import STAGES, CallExportError, CallLogLockedError
 from .storage import default_storage_root
 
 
@@ -92,6 +97,39 @@ def _run_config(args: argparse.Namespace) -> dict:
     return config
 
 
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def resolve_selection(text: str, asset_graph):
+    """The asset keys of a ``--select`` value, or a one-line error with a hint.
+
+    Dagster's selection syntax (``key:a or key:b``, ``*a``, ``a+``), or a comma list of
+    asset names (``a,b``), which becomes ``key:a or key:b``.
+    """
+    import dagster as dg
+    from dagster._core.definitions.asset_selection import DagsterInvalidAssetSelectionError
+    from dagster._core.errors import DagsterInvalidSubsetError
+
+    names = {key.to_user_string() for key in asset_graph.get_all_asset_keys()}
+    parts = [part.strip() for part in text.split(",")]
+    hint = "write several assets as 'a,b' or 'key:a or key:b'; assets: " + ", ".join(sorted(names))
+    if len(parts) > 1 and all(_NAME.fullmatch(part) for part in parts):
+        unknown = [part for part in parts if part not in names]
+        if unknown:
+            return f"--select {text!r}: no asset named {', '.join(unknown)}; {hint}"
+        text = " or ".join(f"key:{part}" for part in parts)
+    try:
+        selection = sorted(dg.AssetSelection.from_string(text).resolve(asset_graph))
+    except DagsterInvalidSubsetError:
+        unknown = sorted({p.strip("*+") for p in re.split(r"\s+|,", text) if p.strip("*+")} - names) or [text]
+        return f"--select {text!r}: no asset named {', '.join(unknown)}; {hint}"
+    except DagsterInvalidAssetSelectionError:
+        return f"--select {text!r} is not a valid selection; {hint}"
+    if not selection:
+        return f"--select {text!r} matches no asset; {hint}"
+    return selection
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     storage = Path(args.storage).resolve() if args.storage else default_storage_root()
     os.environ.setdefault("DAGSTER_HOME", str(storage / "dagster"))
@@ -109,10 +147,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     job = defs.resolve_job_def("cdsr_full_pipeline")
     selection = None
     if args.select:
-        asset_graph = defs.resolve_asset_graph()
-        selection = sorted(dg.AssetSelection.from_string(args.select).resolve(asset_graph))
-        if not selection:
-            print(f"error: --select {args.select!r} matches no asset", file=sys.stderr)
+        selection = resolve_selection(args.select, defs.resolve_asset_graph())
+        if isinstance(selection, str):
+            print(f"error: {selection}", file=sys.stderr)
             return 2
     started = time.perf_counter()
     with dg.DagsterInstance.get() as instance:
@@ -145,12 +182,50 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _call_log_path(args: argparse.Namespace) -> Path:
+    from .llm import CALL_LOG_FILE
+
+    storage = Path(args.storage).resolve() if args.storage else default_storage_root()
+    return storage / "cache" / CALL_LOG_FILE
+
+
+def cmd_llm_log_export(args: argparse.Namespace) -> int:
+    from .llm.calllog import CallLog, export_calls
+
+    path = _call_log_path(args)
+    if not path.is_file():
+        print(f"error: no LLM call log at {path} (run the LLM stages first, or pass --storage)", file=sys.stderr)
+        return 2
+    with CallLog(path) as call_log:
+        written, left_out = export_calls(call_log, args.file, stage=args.stage)
+    print(f"exported {written:,} recorded answers from {path} to {args.file}")
+    if left_out:
+        print(f"left out {left_out:,} answers recorded before the log kept prompt prefixes (they cannot be verified)")
+    return 0
+
+
+def cmd_llm_log_import(args: argparse.Namespace) -> int:
+    from .llm.calllog import CallLog, import_calls, read_call_export
+
+    table = read_call_export(args.file)
+    path = _call_log_path(args)
+    with CallLog(path) as call_log:
+        report = import_calls(call_log, table)
+    print(f"{args.file} -> {path}")
+    print(report.summary())
+    return 1 if report.conflicts and args.strict else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cdsr", description="Cross-domain sequential recommendation pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="materialize assets (all by default)")
-    run.add_argument("--select", help="Dagster asset selection, e.g. 'cdsr_sequences' or 'item_text_embeddings+'")
+    run.add_argument(
+        "--select",
+        help="assets to materialize: a name, a comma list ('sasrec_model,gru4rec_model') or Dagster's selection "
+        "syntax ('key:a or key:b', '*item_tag_matrix' = it and everything upstream, 'cdsr_sequences+')",
+    )
     run.add_argument("--config", help="run config YAML (resources and asset config), as in the Dagster launchpad")
     run.add_argument("--source-format", choices=FORMATS, help="override the source resource's format")
     run.add_argument("--source-path", help="override the source resource's path")
@@ -171,6 +246,19 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--min-item-interactions", type=int, default=defaults.min_item_interactions)
     stats.add_argument("--min-items-per-domain", type=int, default=defaults.min_items_per_domain)
     stats.set_defaults(func=cmd_stats)
+
+    llm_log = sub.add_parser("llm-log", help="export or import recorded LLM answers (portable parquet)")
+    llm_log_sub = llm_log.add_subparsers(dest="llm_log_command", required=True)
+    export = llm_log_sub.add_parser("export", help="write the call log's answers to one parquet file")
+    export.add_argument("file", help="parquet file to write")
+    export.add_argument("--stage", choices=sorted(STAGES), help="only this stage's answers (default: all)")
+    export.add_argument("--storage", help="storage root whose call log to read (default: $CDSR_STORAGE or ./storage)")
+    export.set_defaults(func=cmd_llm_log_export)
+    imp = llm_log_sub.add_parser("import", help="add an export's answers to this storage's call log")
+    imp.add_argument("file", help="parquet file written by `cdsr llm-log export`")
+    imp.add_argument("--storage", help="storage root whose call log to extend (default: $CDSR_STORAGE or ./storage)")
+    imp.add_argument("--strict", action="store_true", help="exit 1 when any answer conflicts with a recorded one")
+    imp.set_defaults(func=cmd_llm_log_import)
     return parser
 
 
@@ -178,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (SourceError, FileNotFoundError) as error:
+    except (SourceError, FileNotFoundError, CallExportError, CallLogLockedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -235,3 +235,27 @@ def test_images_from_files_and_urls(image_encoder, tmp_path):
 def image_bytes_roundtrip(image: Image.Image) -> Image.Image:
     """The picture as the encoder sees it after a JPEG save and load."""
     return Image.open(io.BytesIO(image_bytes(image, "JPEG"))).convert("RGB")
+
+
+def test_cached_text_encoder_gives_the_encoders_vectors_and_encodes_each_text_once(text_encoder, tmp_path):
+    from cdsr_pipeline.features.embeddings import CachedTextEncoder
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner, self.seen = inner, []
+            self.identity, self.dim, self.batch_size = inner.identity, inner.dim, inner.batch_size
+            self.identity_hash = inner.identity_hash
+
+        def encode_texts(self, texts, batch_size=None):
+            self.seen += list(texts)
+            return self.inner.encode_texts(texts, batch_size=batch_size)
+
+    texts = ["green tea", "cast iron pan", "olive oil", "green tea"]
+    direct = text_encoder.encode_texts(texts)
+    counting = Counting(text_encoder)
+    cached = CachedTextEncoder(counting, tmp_path)
+    assert np.array_equal(cached.encode_texts(texts), direct)  # first call: the encoder's own output
+    assert np.array_equal(cached.encode_texts(texts[::-1]), direct[::-1])  # served from the cache
+    mixed = cached.encode_texts(["olive oil", "wooden spoon"])
+    assert counting.seen == texts + ["wooden spoon"]
+    np.testing.assert_allclose(mixed[1], text_encoder.encode_texts(["wooden spoon"])[0], rtol=1e-6, atol=1e-6)

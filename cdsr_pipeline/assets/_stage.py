@@ -17,7 +17,7 @@ from typing import Any
 
 import dagster as dg
 
-from ..storage import ArtifactStore, input_fingerprint
+from ..storage import ArtifactStore, Manifest, input_fingerprint
 
 
 def upstream_names(context: dg.AssetExecutionContext) -> list[str]:
@@ -25,8 +25,43 @@ def upstream_names(context: dg.AssetExecutionContext) -> list[str]:
     return sorted(key.path[-1] for key in context.assets_def.asset_deps[context.asset_key])
 
 
-def config_dict(config: dg.Config | None) -> dict[str, Any]:
-    return config.model_dump() if config is not None else {}
+class UndeclaredInputError(RuntimeError):
+    """An asset tried to read another asset's files without declaring it in ``deps``."""
+
+
+class DeclaredInputs:
+    """The upstream artifacts an asset may read: exactly its declared ``deps``.
+
+    Reading any other asset's files raises :class:`UndeclaredInputError`, so what a
+    stage reads is what its fingerprint (the data versions of its deps) covers.
+    """
+
+    def __init__(self, store: ArtifactStore, declared: list[str], reader: str):
+        self.store = store
+        self.declared = frozenset(declared)
+        self.reader = reader
+
+    @classmethod
+    def of(cls, context: dg.AssetExecutionContext, store: ArtifactStore) -> DeclaredInputs:
+        return cls(store, upstream_names(context), context.asset_key.path[-1])
+
+    def _allowed(self, asset: str) -> None:
+        if asset not in self.declared:
+            raise UndeclaredInputError(
+                f"{self.reader} reads '{asset}', which is not among its deps ({', '.join(sorted(self.declared))})"
+            )
+
+    def manifest(self, asset: str) -> Manifest:
+        self._allowed(asset)
+        return self.store.require(asset)
+
+    def path(self, asset: str, name: str) -> Path:
+        self._allowed(asset)
+        return self.store.path(asset, name)
+
+    def asset_dir(self, asset: str) -> Path:
+        self._allowed(asset)
+        return self.store.asset_dir(asset)
 
 
 def to_dagster_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
@@ -51,17 +86,22 @@ def run_stage(
     build: Callable[[Path], Mapping[str, Any]],
     config: Mapping[str, Any] | None = None,
     extra_inputs: Mapping[str, str] | None = None,
+    inputs: Mapping[str, str] | None = None,
     markdown: Callable[[Mapping[str, Any]], str] | None = None,
 ) -> dg.MaterializeResult:
     """Materialize the current asset through the artifact store.
 
     ``build(folder)`` writes the asset's files into ``folder`` and returns JSON-able
     metadata. ``extra_inputs`` are identities that are not upstream assets (input
-    file hashes, model identities). ``markdown`` renders a summary from the metadata.
+    file hashes, model identities). ``inputs`` replaces the data versions of the
+    deps for an asset whose deps are optional (the report: whichever models exist).
+    ``markdown`` renders a summary from the metadata.
     """
     asset = context.asset_key.path[-1]
     code_version = context.assets_def.code_versions_by_key[context.asset_key] or "0"
-    inputs = {name: store.require(name).data_version for name in upstream_names(context)}
+    if inputs is None:
+        inputs = {name: store.require(name).data_version for name in upstream_names(context)}
+    inputs = dict(inputs)
     inputs.update(extra_inputs or {})
     config = dict(config or {})
     fingerprint = input_fingerprint(code_version, config, inputs)

@@ -14,7 +14,7 @@ import dagster as dg
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from ..features.embeddings import encode_texts_by_item
+from ..features.embeddings import CachedTextEncoder, encode_texts_by_item
 from ..features.encoders import load_text_encoder
 from ..llm import (
     CALL_LOG_FILE,
@@ -227,7 +227,11 @@ def item_tag_scores(
     def build(folder: Path):
         domain_tags = pq.read_table(store.path("domain_tag_vocabularies", DOMAIN_TAGS_FILE))
         vocabulary = pq.read_table(store.path("domain_tag_vocabularies", VOCABULARY_FILE))
-        encoder = load_text_encoder(text_encoder.spec()) if config.candidates else None
+        encoder = (
+            CachedTextEncoder(load_text_encoder(text_encoder.spec()), store.cache_dir("features"))
+            if config.candidates
+            else None
+        )
         with _llm_session(store, llm) as (backend, call_log):
             result = score_item_tags(
                 _items(store), domain_tags, vocabulary, backend, call_log, TagScoringConfig(**config.model_dump()), encoder

@@ -239,6 +239,38 @@ def encode_texts_by_item(
     return _finish(feature, ids, hashes, reasons, known, len(todo), cache, encoder, started)
 
 
+class CachedTextEncoder:
+    """A text encoder whose vectors are kept in the embedding cache by content hash.
+
+    For callers that encode plain text lists (the tag stage's candidate prefilter), so
+    a rerun or a resumed run does not encode the same titles again. Texts not yet
+    cached are passed to the encoder in their given order, so a first call returns
+    exactly what the encoder alone would.
+    """
+
+    def __init__(self, encoder: TextEncoder, cache_dir: str | os.PathLike[str]):
+        self.encoder = encoder
+        self.identity, self.dim, self.batch_size = encoder.identity, encoder.dim, encoder.batch_size
+        self.cache = EmbeddingCache(cache_dir, encoder.identity)
+
+    @property
+    def identity_hash(self) -> str:
+        return self.encoder.identity_hash
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
+        hashes = [_text_sha256(text) for text in texts]
+        known = self.cache.known()
+        missing = [i for i, sha in enumerate(hashes) if sha not in known]
+        if missing:
+            vectors = self.encoder.encode_texts([texts[i] for i in missing], batch_size=batch_size)
+            if len(missing) == len(texts):
+                self.cache.write(hashes, vectors)
+                return vectors
+            self.cache.write([hashes[i] for i in missing], vectors)
+        found = self.cache.lookup(pa.array(hashes, pa.string()))
+        return found.flatten().to_numpy().reshape(len(texts), self.dim)
+
+
 def encode_item_texts(
     items: pa.Table,
     encoder: TextEncoder,

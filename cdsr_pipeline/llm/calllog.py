@@ -18,6 +18,7 @@ DuckDB allows one writing process per file; a second run gets :class:`CallLogLoc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -37,9 +38,10 @@ from cdsr_pipeline.storage import stable_hash
 log = logging.getLogger(__name__)
 
 _TABLE = "llm_calls"
+_PREFIXES = "llm_prompt_prefixes"
 _COLUMNS = (
     "key", "stage", "item_key", "backend", "model", "identity", "template_hash", "params", "prompt",
-    "raw_answer", "parsed", "status", "error", "attempts", "latency_s", "created_at",
+    "prefix_hash", "raw_answer", "parsed", "status", "error", "attempts", "latency_s", "created_at",
 )
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS {_TABLE} (
@@ -52,6 +54,7 @@ CREATE TABLE IF NOT EXISTS {_TABLE} (
     template_hash VARCHAR NOT NULL,
     params VARCHAR NOT NULL,        -- JSON: decoding parameters of the first attempt
     prompt VARCHAR NOT NULL,        -- the per-item part of the prompt
+    prefix_hash VARCHAR,            -- sha256 of the shared part (text in llm_prompt_prefixes)
     raw_answer VARCHAR,             -- the last answer's raw text
     parsed VARCHAR,                 -- JSON: the parsed result (null when failed)
     status VARCHAR NOT NULL,        -- ok | failed
@@ -59,8 +62,20 @@ CREATE TABLE IF NOT EXISTS {_TABLE} (
     attempts INTEGER NOT NULL,      -- answers obtained (first + retries)
     latency_s DOUBLE NOT NULL,      -- LLM time over all attempts
     created_at TIMESTAMP NOT NULL
-)
+);
+-- The shared few-shot part of the prompts, stored once: with it a recorded call's key
+-- can be recomputed from its row (what ``cdsr llm-log import`` verifies).
+CREATE TABLE IF NOT EXISTS {_PREFIXES} (
+    prefix_hash VARCHAR PRIMARY KEY,
+    prefix VARCHAR NOT NULL
+);
+-- Logs written before prefixes were kept: their rows have no prefix_hash.
+ALTER TABLE {_TABLE} ADD COLUMN IF NOT EXISTS prefix_hash VARCHAR;
 """
+
+
+def prefix_hash(prefix: str) -> str:
+    return hashlib.sha256(prefix.encode("utf-8")).hexdigest()
 
 
 class CallLogLockedError(RuntimeError):
@@ -133,13 +148,18 @@ class CallLog:
             for row in rows
         }
 
-    def record(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Insert (or replace) rows with the columns of the log, in one transaction."""
+    def record(self, rows: Sequence[Mapping[str, Any]], prefixes: Mapping[str, str] | None = None) -> None:
+        """Insert (or replace) rows with the columns of the log, in one transaction,
+        with the prompt prefixes they name (``prefix_hash -> prefix``)."""
         if not rows:
             return
         placeholders = ", ".join("?" for _ in _COLUMNS)
         self._con.execute("BEGIN TRANSACTION")
         try:
+            if prefixes:
+                self._con.executemany(
+                    f"INSERT OR IGNORE INTO {_PREFIXES} (prefix_hash, prefix) VALUES (?, ?)", list(prefixes.items())
+                )
             self._con.executemany(
                 f"INSERT OR REPLACE INTO {_TABLE} ({', '.join(_COLUMNS)}) VALUES ({placeholders})",
                 [[row[column] for column in _COLUMNS] for row in rows],
@@ -309,6 +329,7 @@ def run_logged_calls(
             "template_hash": template_hash,
             "params": json.dumps(request.params(), sort_keys=True),
             "prompt": request.prompt.body,
+            "prefix_hash": prefix_hash(request.prompt.prefix),
             "raw_answer": record.raw_answer,
             "parsed": json.dumps(record.parsed) if record.parsed is not None else None,
             "status": record.status,
@@ -349,7 +370,10 @@ def run_logged_calls(
                         finished.append(index)
                     todo = sorted(again)
             finally:
-                call_log.record([log_row(index, records[index]) for index in finished])
+                call_log.record(
+                    [log_row(index, records[index]) for index in finished],
+                    {prefix_hash(calls[i].request.prompt.prefix): calls[i].request.prompt.prefix for i in finished},
+                )
                 bar.update(len(finished))
     for index, record in enumerate(records):
         assert record is not None
@@ -382,3 +406,168 @@ def _record(key: str, call: LLMCall, answers: list[Answer], parsed: Any, error: 
         attempts=len(answers),
         latency_s=sum(a.latency_s for a in answers),
     )
+
+
+# -- portable answers: export to parquet, import into another log ------------------------
+EXPORT_FORMAT = "cdsr-llm-calls/1"
+"""Written into the export's parquet metadata; import refuses any other."""
+
+EXPORT_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("stage", pa.string()),
+        ("item_key", pa.string()),
+        ("backend", pa.string()),
+        ("model", pa.string()),
+        ("identity", pa.string()),
+        ("template_hash", pa.string()),
+        ("params", pa.string()),
+        ("prefix", pa.string()),
+        ("prompt", pa.string()),
+        ("raw_answer", pa.string()),
+        ("parsed", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("attempts", pa.int32()),
+        ("latency_s", pa.float64()),
+        ("created_at", pa.timestamp("us")),
+    ],
+    metadata={"format": EXPORT_FORMAT},
+)
+STAGES = {"augmentation": "augmentation", "vocabulary": "domain_vocabulary", "tag_scores": "item_tag_scores"}
+"""Short names (``cdsr llm-log export --stage``) of the stages as the log records them."""
+
+
+class CallExportError(ValueError):
+    """A file that is not a valid call-log export, or whose rows do not verify."""
+
+
+@dataclass
+class ImportReport:
+    """What ``cdsr llm-log import`` did with a file."""
+
+    rows: int = 0
+    inserted: int = 0
+    already_present: int = 0  # same key, same answer
+    conflicts: list[dict[str, Any]] = field(default_factory=list)  # same key, another answer: kept as it was
+
+    def summary(self) -> str:
+        text = (
+            f"{self.rows:,} answers read: {self.inserted:,} imported, {self.already_present:,} already present, "
+            f"{len(self.conflicts):,} conflicting (kept the recorded answer)"
+        )
+        for conflict in self.conflicts[:10]:
+            text += f"\n  conflict: stage {conflict['stage']} item {conflict['item_key']} key {conflict['key'][:16]}"
+        if len(self.conflicts) > 10:
+            text += f"\n  ... and {len(self.conflicts) - 10:,} more"
+        return text
+
+
+def recomputed_key(row: Mapping[str, Any]) -> str:
+    """The call key of an exported row, from what determines the answer (see :func:`call_key`)."""
+    return stable_hash(
+        {
+            "stage": row["stage"],
+            "identity": json.loads(row["identity"]),
+            "template": row["template_hash"],
+            "item": row["item_key"],
+            "prompt": row["prefix"] + row["prompt"],
+            "params": json.loads(row["params"]),
+        }
+    )
+
+
+def export_calls(call_log: CallLog, path: str | os.PathLike[str], stage: str | None = None) -> tuple[int, int]:
+    """Write the recorded calls (of one stage, by its short name in :data:`STAGES`, or all) to a zstd parquet file.
+
+    Returns (rows written, rows left out): calls recorded before the log kept prompt
+    prefixes cannot be verified on import and are not exported. Rows are ordered by
+    stage, item and key, so the same log gives the same file.
+    """
+    from cdsr_pipeline.storage import write_parquet_atomic
+
+    if stage is not None:
+        if stage not in STAGES:
+            raise CallExportError(f"unknown stage {stage!r}; choose from {', '.join(STAGES)}")
+        stage = STAGES[stage]
+    columns = ", ".join(f"p.prefix" if name == "prefix" else f"c.{name}" for name in EXPORT_SCHEMA.names)
+    where = "WHERE (? IS NULL OR c.stage = ?)"
+    table = call_log._con.sql(
+        f"SELECT {columns} FROM {_TABLE} c JOIN {_PREFIXES} p USING (prefix_hash) {where} ORDER BY c.stage, c.item_key, c.key",
+        params=[stage, stage],
+    ).to_arrow_table()
+    unexported = call_log._con.execute(
+        f"SELECT count(*) FROM {_TABLE} c WHERE c.prefix_hash IS NULL AND (? IS NULL OR c.stage = ?)", [stage, stage]
+    ).fetchone()[0]
+    table = table.cast(EXPORT_SCHEMA)
+    write_parquet_atomic(table, Path(path), compression_level=19)  # files meant to be committed and shared
+    return table.num_rows, unexported
+
+
+def read_call_export(path: str | os.PathLike[str]) -> pa.Table:
+    """An export file, checked: its format tag, its schema and every row's key."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowException) as error:
+        raise CallExportError(f"{path}: not a readable parquet file ({error})") from None
+    found = (schema.metadata or {}).get(b"format", b"").decode()
+    if found != EXPORT_FORMAT:
+        raise CallExportError(f"{path}: not an LLM call-log export (format {found or 'missing'!r}, expected {EXPORT_FORMAT!r})")
+    if schema.remove_metadata() != EXPORT_SCHEMA.remove_metadata():
+        expected = {f.name: str(f.type) for f in EXPORT_SCHEMA}
+        got = {f.name: str(f.type) for f in schema}
+        differences = sorted(set(expected.items()) ^ set(got.items()))
+        raise CallExportError(f"{path}: schema does not match {EXPORT_FORMAT} (differs in {differences})")
+    table = pq.read_table(path)
+    problems = []
+    for index, row in enumerate(table.to_pylist()):
+        where = f"row {index} (stage {row['stage']}, item {row['item_key']})"
+        try:
+            identity = json.loads(row["identity"])
+            if identity.get("backend") != row["backend"] or identity.get("model") != row["model"]:
+                problems.append(f"{where}: backend/model columns disagree with its identity")
+            elif row["stage"] not in STAGES.values() or row["status"] not in ("ok", "failed"):
+                problems.append(f"{where}: unknown stage or status")
+            elif recomputed_key(row) != row["key"]:
+                problems.append(f"{where}: key does not match its stage, identity, template, prompt and parameters")
+        except (TypeError, ValueError, AttributeError) as error:
+            problems.append(f"{where}: unreadable ({error})")
+        if len(problems) >= 5:
+            break
+    if problems:
+        raise CallExportError(f"{path}: rows that do not verify, nothing imported: " + "; ".join(problems))
+    return table
+
+
+def import_calls(call_log: CallLog, table: pa.Table) -> ImportReport:
+    """Add verified exported rows (:func:`read_call_export`) to the log.
+
+    A key already recorded is never replaced: the same answer counts as present, a
+    different one as a conflict. Importing the same file twice changes nothing.
+    """
+    report = ImportReport(rows=table.num_rows)
+    rows = table.to_pylist()
+    known = call_log._con.execute(
+        f"SELECT key, status, raw_answer, parsed FROM {_TABLE} WHERE key IN (SELECT unnest(?))",
+        [[row["key"] for row in rows]],
+    ).fetchall()
+    recorded = {key: (status, raw, parsed) for key, status, raw, parsed in known}
+    new, prefixes = [], {}
+    for row in rows:
+        existing = recorded.get(row["key"])
+        if existing is None:
+            hashed = prefix_hash(row["prefix"])
+            prefixes[hashed] = row["prefix"]
+            new.append({**{k: v for k, v in row.items() if k != "prefix"}, "prefix_hash": hashed})
+            recorded[row["key"]] = (row["status"], row["raw_answer"], row["parsed"])
+        elif existing == (row["status"], row["raw_answer"], row["parsed"]):
+            report.already_present += 1
+        else:
+            report.conflicts.append({"key": row["key"], "stage": row["stage"], "item_key": row["item_key"]})
+    for start in range(0, len(new), 4096):
+        call_log.record(new[start : start + 4096], prefixes)
+    report.inserted = len(new)
+    return report

@@ -226,6 +226,8 @@ def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
 PRESETS: dict[str, ModelConfig] = {
     # LLM-EMF: id + image + text (title + LLM-augmented), three sequences, no tags.
     "llm_emf": ModelConfig(modalities=("id", "img", "tex", "llm")),
+    # LLM-EMF without the LLM-enhanced text (Table 4's switch off): title text only.
+    "llm_emf_title": ModelConfig(modalities=("id", "img", "tex")),
     # TEMA-LLM: LLM-EMF + LLM-matched tag tower.
     "tema_llm": ModelConfig(modalities=("id", "img", "tex", "llm", "tag")),
     # TEMA-LLM with Eq. 9: one MLP-fused item embedding instead of separate towers.

@@ -14,6 +14,7 @@ papers' own C2DSR split); learning curves; and an ablation table per
 from __future__ import annotations
 
 import html
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ..storage import atomic_write_text  # noqa: E402
 from .evaluate import DOMAIN_KEYS, PROTOCOLS, metric_column  # noqa: E402
 from .metrics import METRICS  # noqa: E402
+from .config import config_to_dict  # noqa: E402
 from .trainer import TrainResult  # noqa: E402
 
 METRIC_LABELS = {"mrr": "MRR", "ndcg_5": "NDCG@5", "ndcg_10": "NDCG@10", "hr_10": "HR@10"}
@@ -162,6 +164,7 @@ def write_report(
     dataset_info: dict | None = None,
     *,
     title: str | None = None,
+    missing: Sequence[str] = (),
 ) -> ReportPaths:
     """Write ``report.md``, ``report.html`` and PNG figures for ``runs`` into ``out_dir``.
 
@@ -170,6 +173,7 @@ def write_report(
         dataset_info: the sequences folder's ``stats.json`` (default: the one recorded
             in the first run's metrics).
         title: heading of the report (default from the dataset name).
+        missing: model assets that were not materialized (listed as missing).
     """
     results = [run if isinstance(run, TrainResult) else TrainResult.load(Path(run)) for run in runs]
     if not results:
@@ -192,6 +196,10 @@ def write_report(
     doc.heading(1, title)
     _data_section(doc, stats, names, results)
     _runs_section(doc, results, names)
+    if missing:
+        doc.paragraph(
+            "Not in this report (not materialized yet): " + ", ".join(f"`{name}`" for name in missing) + "."
+        )
     for protocol in PROTOCOLS:
         doc.heading(2, f"Results: {protocol_label(protocol, negatives)}")
         doc.paragraph(
@@ -218,9 +226,45 @@ def write_report(
             doc.table(*_ablation_table([r for r in results if r.config.ablation_group == group], names))
 
     markdown, html_path = out_dir / "report.md", out_dir / "report.html"
+    atomic_write_text(out_dir / METRICS_FILE, json.dumps(metrics_summary(results, stats, missing), indent=2))
     atomic_write_text(markdown, doc.markdown())
     atomic_write_text(html_path, doc.html(title))
     return ReportPaths(markdown=markdown, html=html_path, figures=[path for path, _ in figures])
+
+
+METRICS_FILE = "metrics.json"
+RUN_FIELDS = (
+    "name", "ablation_group", "epochs_run", "max_epochs", "patience", "stopped_early", "selection", "best_checkpoint",
+    "per_domain_best", "timing", "device", "threads", "hardware", "data", "negatives", "features", "model_summary", "notes",
+)
+
+
+def metrics_summary(results: Sequence[TrainResult], stats: dict, missing: Sequence[str] = ()) -> dict:
+    """Every run's metrics (both protocols, both reporting rules), epochs, timing,
+    hardware and exact config, with the dataset they share: the report's ``metrics.json``."""
+    runs = []
+    for r in results:
+        entry = {key: r.metrics.get(key) for key in RUN_FIELDS}
+        entry["data"] = {k: v for k, v in (entry["data"] or {}).items() if k != "stats"}
+        entry["config"] = config_to_dict(r.config)
+        runs.append(entry)
+    return {
+        "dataset": results[0].metrics["dataset"],
+        "domain_names": results[0].metrics["domain_names"],
+        "split": stats.get("protocol"),
+        "stats": stats,
+        "protocols": {
+            "sampled": f"{results[0].metrics['negatives']['count']} negatives drawn uniformly with replacement from the "
+            "target's domain, excluding only the target",
+            "full": "the target against every item of its domain",
+        },
+        "reporting_rules": {
+            "best_checkpoint": "the epoch of the best mean validation MRR of the two domains (early stopping)",
+            "per_domain_best": "each domain at the epoch of its own best validation MRR (the papers' rule)",
+        },
+        "runs": runs,
+        "missing_model_assets": list(missing),
+    }
 
 
 def _data_section(doc: _Document, stats: dict, names: dict, results: list[TrainResult]) -> None:
@@ -252,10 +296,27 @@ def _data_section(doc: _Document, stats: dict, names: dict, results: list[TrainR
             f"target's domain, excluding only the target, seed {negatives['seed']} (the same for every run: "
             f"valid {negatives['valid_digest']}, test {negatives['test_digest']}).",
             "Full protocol: the target against every item of its domain.",
+            *_degenerate_sampling(stats, negatives["count"]),
             "rank = 1 + number of candidates scoring strictly higher than the target; MRR = mean 1/rank; "
             "NDCG@k = mean 1/log2(rank+1) for rank <= k; HR@10 = share with rank <= 10.",
         ]
     )
+
+
+def _degenerate_sampling(stats: dict, negatives: int) -> list[str]:
+    """A warning per domain with no more items than sampled negatives: the sample then
+    repeats items (about negatives / items times each), the sampled ranks over-count
+    every competitor, and sampled MRR can fall below full-ranking MRR."""
+    warnings = []
+    for key in DOMAIN_KEYS:
+        domain = stats["domains"][key]
+        if domain["items"] - 1 <= negatives:
+            warnings.append(
+                f"**Degenerate sampled protocol for {domain['name']}**: {negatives} negatives drawn from "
+                f"{domain['items'] - 1:,} other items, so each is counted about {negatives / max(domain['items'] - 1, 1):.1f} "
+                f"times; sampled metrics there are not meaningful (use the full ranking)."
+            )
+    return warnings
 
 
 def _runs_section(doc: _Document, results: list[TrainResult], names: dict) -> None:

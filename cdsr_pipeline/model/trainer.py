@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import platform
 import tempfile
 import time
 from dataclasses import dataclass
@@ -329,6 +330,7 @@ def train_model(sequences_dir: Path, features: FeatureInputs, config: TrainConfi
         features=features.to_dict(),
         device=str(device),
         threads=torch.get_num_threads() if device.type == "cpu" else None,
+        hardware=hardware_summary(device),
         data={
             "stats": data.stats,
             "train_sequences": len(data.train),
@@ -345,6 +347,26 @@ def train_model(sequences_dir: Path, features: FeatureInputs, config: TrainConfi
     )
     atomic_write_text(out_dir / METRICS_FILE, json.dumps(metrics, indent=2))
     return TrainResult(out_dir, config, metrics)
+
+
+def hardware_summary(device: torch.device) -> dict[str, Any]:
+    """What the run's figures were measured on: CPU model and cores, torch and its CPU
+    capability, the GPU's name when training on CUDA."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    summary = {
+        "cpu": cpu,
+        "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+    if device.type == "cuda":
+        summary["gpu"] = torch.cuda.get_device_name(device)
+    return summary
 
 
 def _train_epoch(
