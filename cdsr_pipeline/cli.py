@@ -9,6 +9,8 @@
 - ``cdsr llm-log export FILE [--stage S]`` / ``cdsr llm-log import FILE`` move recorded
   LLM answers between storages as one parquet file (verified on import; a recorded
   answer is never replaced).
+- ``cdsr recommend --history ID,ID --domain D [--run RUN] [--k 10] [--exclude-seen] [--json]``:
+  the top-k items of a domain for a history, with each tower's share and shared tags.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 from .data.ingest import SourceError
 from .data.sequences import FilterConfig, build_sequences, format_statistics
 from .data.sources import FORMATS, SourceSpec, ingest_source
+from .errors import UserInputError
 from .llm.calllog import STAGES, CallExportError, CallLogLockedError
 from .storage import default_storage_root
 
@@ -216,6 +219,59 @@ def cmd_llm_log_import(args: argparse.Namespace) -> int:
     return 1 if report.conflicts and args.strict else 0
 
 
+def find_run(storage: Path, name: str | None) -> Path:
+    """A run folder by its report name or folder name; default: the best by validation MRR."""
+    from .assets.training import all_run_dirs
+    from .errors import UserInputError
+    from .storage import ArtifactStore
+
+    runs = all_run_dirs(ArtifactStore(storage))
+    if not runs:
+        raise RecommendError(f"no trained run under {storage / 'artifacts'}: materialize a model first (cdsr run)")
+    metrics = {run: json.loads((run / "metrics.json").read_text()) for run in runs if (run / "metrics.json").is_file()}
+    if name is None:
+        return max(metrics, key=lambda run: _mean_valid_mrr(metrics[run]))
+    matches = [run for run in runs if run.name == name or metrics.get(run, {}).get("name") == name]
+    if not matches:
+        names = sorted(metrics[run]["name"] for run in metrics)
+        raise RecommendError(f"no run named {name!r}; runs: {', '.join(names)}")
+    return matches[0]
+
+
+def _mean_valid_mrr(metrics: dict) -> float:
+    valid = metrics["best_checkpoint"]["valid"]
+    return sum(by_protocol["sampled"]["mrr"] for by_protocol in valid.values()) / len(valid)
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from .model.recommend import load_run, recommend
+
+    storage = Path(args.storage).resolve() if args.storage else default_storage_root()
+    run = load_run(find_run(storage, args.run))
+    history = [part for part in args.history.split(",") if part.strip()]
+    results = recommend(run, history, args.domain, args.k, exclude_seen=args.exclude_seen)
+    if args.json:
+        print(json.dumps({"run": run.name, "recommendations": [r.to_dict() for r in results]}, indent=2))
+        return 0
+    print(f"run {run.name} ({run.folder}); top {len(results)} of {args.domain}")
+    for rank, r in enumerate(results, start=1):
+        towers = ", ".join(f"{name} {share / r.score:.0%}" for name, share in r.towers.items()) if r.score else "-"
+        print(f"{rank:>3}. [{r.item_id}] {r.source_id}  {r.title or '(no title)'}")
+        print(f"     score {r.score:.5f} ({towers})" + (f"; tags: {', '.join(t for t, _ in r.tags[:5])}" if r.tags else ""))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .model.recommend import load_run
+    from .serve import serve
+
+    storage = Path(args.storage).resolve() if args.storage else default_storage_root()
+    run = load_run(find_run(storage, args.run))
+    print(f"serving run {run.name} ({run.folder}) on http://{args.host}:{args.port}")
+    serve(run, host=args.host, port=args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cdsr", description="Cross-domain sequential recommendation pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -247,6 +303,23 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--min-items-per-domain", type=int, default=defaults.min_items_per_domain)
     stats.set_defaults(func=cmd_stats)
 
+    rec = sub.add_parser("recommend", help="top-k items of a domain for a history, from a trained run")
+    rec.add_argument("--run", help="run name as in the report (e.g. TEMA-LLM) or its folder name; default: best by validation MRR")
+    rec.add_argument("--history", required=True, help="comma-separated item ids: global ids or source ids (ASINs), oldest first")
+    rec.add_argument("--domain", required=True, help="target domain: A, B or its name")
+    rec.add_argument("--k", type=int, default=10)
+    rec.add_argument("--exclude-seen", action="store_true", help="leave out items of the history")
+    rec.add_argument("--json", action="store_true")
+    rec.add_argument("--storage", help="storage root (default: $CDSR_STORAGE or ./storage)")
+    rec.set_defaults(func=cmd_recommend)
+
+    srv = sub.add_parser("serve", help="a trained run behind an HTTP JSON API (POST /recommend, GET /items/ID, GET /health)")
+    srv.add_argument("--run", help="run name or folder name; default: best by validation MRR")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--storage", help="storage root (default: $CDSR_STORAGE or ./storage)")
+    srv.set_defaults(func=cmd_serve)
+
     llm_log = sub.add_parser("llm-log", help="export or import recorded LLM answers (portable parquet)")
     llm_log_sub = llm_log.add_subparsers(dest="llm_log_command", required=True)
     export = llm_log_sub.add_parser("export", help="write the call log's answers to one parquet file")
@@ -266,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (SourceError, FileNotFoundError, CallExportError, CallLogLockedError) as error:
+    except (SourceError, FileNotFoundError, CallExportError, CallLogLockedError, UserInputError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

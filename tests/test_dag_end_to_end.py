@@ -102,3 +102,125 @@ def test_unchanged_rerun_reuses_every_stage(first_run, tiny_release):
     for asset, meta in after.items():
         assert meta["reused"].value, f"{asset} was rebuilt"
         assert meta["fingerprint"].value == before[asset]["fingerprint"].value
+
+
+def test_recommend_matches_full_sort_predict_and_explains_with_tags(first_run, capsys):
+    import json
+
+    import numpy as np
+    import polars as pl
+    import torch
+
+    from cdsr_pipeline.cli import find_run, main
+    from cdsr_pipeline.model.data import evaluation_batches, load_sequences, make_batch
+    from cdsr_pipeline.model.recommend import RecommendError, load_run, recommend
+
+    storage, _ = first_run
+    run = load_run(find_run(storage, "TEMA-LLM"))
+    assert run.tag_rows is not None and run.tag_names
+    # the scores of a test history equal what evaluation computes for that row
+    sequences = storage / "artifacts" / "cdsr_sequences"
+    test = load_sequences(sequences, "test", max_len=run.max_len)
+    domain, rows = next(evaluation_batches(test, run.domains, 4))
+    row = int(rows[0])
+    history = test.inputs[row, : test.lengths[row]].tolist()
+    with torch.no_grad():
+        expected = run.model.full_sort_predict(make_batch(test, np.array([row]), run.domains, run.views))[0]
+    results = recommend(run, history, domain, k=5)
+    top = torch.argsort(expected, descending=True, stable=True)[:5] + run.domains.first_id(domain)
+    assert [r.item_id for r in results] == top.tolist()
+    for r in results:
+        assert r.score == pytest.approx(float(expected[r.item_id - run.domains.first_id(domain)]), rel=1e-5)
+        assert sum(r.towers.values()) == pytest.approx(r.score, rel=1e-5)
+        assert set(r.towers) >= {"id", "tag"}
+    # source ids (ASINs) name the same items as global ids
+    items = pl.read_parquet(sequences / "items.parquet")
+    asins = [items.filter(pl.col("item_id") == i)["source_id"][0] for i in history]
+    assert [r.item_id for r in recommend(run, asins, domain, k=5)] == top.tolist()
+    seen = recommend(run, history, domain, k=5, exclude_seen=True)
+    assert not {r.item_id for r in seen} & set(history)
+    # bad requests are one clear error each
+    for bad, message in (
+        (dict(history=[], domain="A"), "empty"),
+        (dict(history=["nosuch"], domain="A"), "unknown item ids: nosuch"),
+        (dict(history=history, domain="Books"), "unknown domain"),
+        (dict(history=history, domain="A", k=0), "k must be an integer between"),
+    ):
+        with pytest.raises(RecommendError, match=message):
+            recommend(run, bad["history"], bad["domain"], bad.get("k", 5))
+    # the command: JSON out, one-line errors
+    args = ["recommend", "--storage", str(storage), "--run", "TEMA-LLM", "--history", ",".join(asins), "--domain", "B", "--json"]
+    assert main(args) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["run"] == "TEMA-LLM" and len(answer["recommendations"]) == 10
+    assert main(["recommend", "--storage", str(storage), "--history", "nosuch", "--domain", "A"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown item ids: nosuch")
+
+
+def test_http_api_answers_like_the_library_and_refuses_bad_requests(first_run):
+    import asyncio
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    from cdsr_pipeline.cli import find_run
+    from cdsr_pipeline.model.recommend import load_run, recommend
+    from cdsr_pipeline.serve import create_app
+
+    storage, _ = first_run
+    run = load_run(find_run(storage, "TEMA-LLM"))
+    app = create_app(run, max_wait_ms=20)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    try:
+        health = httpx.get(f"{base}/health").json()
+        assert health["run"] == "TEMA-LLM" and health["config_digest"] and "item_tag_matrix" in health["data_versions"]
+        assert httpx.get(f"{base}/items/0").json()["domain"] == "A"
+        assert httpx.get(f"{base}/items/nosuch").status_code == 404
+
+        histories = [[0, 1, 15], [2, 14], [3], [13, 4, 5]]
+        expected = [[r.to_dict() for r in recommend(run, h, "B", 5)] for h in histories]
+
+        async def concurrent():
+            async with httpx.AsyncClient(base_url=base) as client:
+                replies = await asyncio.gather(
+                    *(client.post("/recommend", json={"history": h, "domain": "B", "k": 5}) for h in histories)
+                )
+            return [reply.json()["recommendations"] for reply in replies]
+
+        before = app.state.batcher.batches
+        answers = asyncio.run(concurrent())
+        # batched with other histories (padded to another width): the same items, scores equal to float rounding
+        for got, want in zip(answers, expected, strict=True):
+            assert [r["item_id"] for r in got] == [r["item_id"] for r in want]
+            assert [r["tags"] for r in got] == [r["tags"] for r in want]
+            assert [r["score"] for r in got] == pytest.approx([r["score"] for r in want], rel=1e-5)
+        assert app.state.batcher.batches - before < len(histories)  # concurrent requests shared forward passes
+
+        for body, status, message in (
+            (b"{not json", 400, "malformed JSON"),
+            (b"[1, 2]", 400, "JSON object"),
+            (b'{"history": [0], "domain": "A", "path": "/etc/passwd"}', 400, "unknown fields: path"),
+            (b'{"history": "0", "domain": "A"}', 422, "history must be a list"),
+            (b'{"history": [], "domain": "A"}', 422, "empty"),
+            (b'{"history": [999999, "x"], "domain": "A"}', 422, "unknown item ids: 999999, x"),
+            (b'{"history": [0], "domain": "Books"}', 422, "unknown domain"),
+            (b'{"history": [0], "domain": "A", "k": 0}', 422, "k must be"),
+        ):
+            reply = httpx.post(f"{base}/recommend", content=body)
+            assert reply.status_code == status and message in reply.json()["error"], (body, reply.text)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -316,6 +316,11 @@ def _training_asset(spec: TrainingAsset) -> dg.AssetsDefinition:
 training_assets = [_training_asset(spec) for spec in TRAINING_ASSETS]
 
 
+def all_run_dirs(store: ArtifactStore) -> list[Path]:
+    """The run folders of every materialized model asset."""
+    return [run for spec in TRAINING_ASSETS for run in run_dirs(store, spec.name)]
+
+
 def run_dirs(store: ArtifactStore, asset: str) -> list[Path]:
     runs = store.asset_dir(asset) / RUNS_DIR
     return sorted(p for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []

@@ -323,11 +323,18 @@ class SequentialRecommender(Recommender):
         return total / batch.num_examples
 
     def full_sort_predict(self, batch: Batch) -> torch.Tensor:
-        domain = batch.target_domain
-        outputs = self._encode(batch)
         scores = None
-        for k, name in enumerate(self.towers):
-            probs = self._domain_log_probs(name, outputs[name], batch, domain, full=True).exp_()
-            weighted = torch.einsum("v,ven->en", self.view_weights[domain] * self.log_weights[k].exp(), probs)
+        for weighted in self.tower_scores(batch).values():
             scores = weighted if scores is None else scores + weighted
         return scores
+
+    def tower_scores(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Each tower's share of :meth:`full_sort_predict` ([E, N_D] each; they sum to it):
+        what a recommendation owes to ids, text, images or tags."""
+        domain = batch.target_domain
+        outputs = self._encode(batch)
+        shares = {}
+        for k, name in enumerate(self.towers):
+            probs = self._domain_log_probs(name, outputs[name], batch, domain, full=True).exp_()
+            shares[name] = torch.einsum("v,ven->en", self.view_weights[domain] * self.log_weights[k].exp(), probs)
+        return shares

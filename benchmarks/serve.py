@@ -1,0 +1,122 @@
+"""Requests/s and latency of ``cdsr serve`` on loopback, with 1, 8 and 32 concurrent clients.
+
+    python benchmarks/serve.py [--storage storage] [--run TEMA-LLM] [--requests 400] [--seconds 20]
+
+Serves a materialized run (default: the best run of ``--storage``; ``make run`` makes
+the demo's) with uvicorn in this process's event loop thread, and drives it from
+another thread with httpx clients posting ``/recommend`` (k = 10) for histories taken
+from the split's test rows. Each level stops after ``--requests`` requests or
+``--seconds``, whichever comes first. Prints requests/s, p50/p99 latency, the share of
+forward passes per request (batching) and the peak resident memory.
+
+Targets (issue "Use the trained model", for a TEMA-LLM run of the full release on
+2 cores): p99 under 20 ms at 8 clients, at least 500 requests/s at 32 clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import resource
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cdsr_pipeline.cli import find_run  # noqa: E402
+from cdsr_pipeline.model.data import load_sequences  # noqa: E402
+from cdsr_pipeline.model.recommend import load_run  # noqa: E402
+from cdsr_pipeline.serve import create_app  # noqa: E402
+
+TARGETS = {8: ("p99_ms", 20.0), 32: ("rps", 500.0)}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def _drive(base: str, histories: list[tuple[list[int], str]], clients: int, requests: int, seconds: float):
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+    counter = iter(range(requests))
+
+    async def client(http: httpx.AsyncClient) -> None:
+        for index in counter:
+            if time.perf_counter() > deadline:
+                return
+            history, domain = histories[index % len(histories)]
+            started = time.perf_counter()
+            reply = await http.post("/recommend", json={"history": history, "domain": domain, "k": 10})
+            reply.raise_for_status()
+            latencies.append(time.perf_counter() - started)
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        elapsed = time.perf_counter() - started
+    return np.array(latencies), elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--storage", type=Path, default=ROOT / "storage")
+    parser.add_argument("--run", help="run name (default: the best by validation MRR)")
+    parser.add_argument("--requests", type=int, default=400, help="requests per concurrency level")
+    parser.add_argument("--seconds", type=float, default=20.0, help="time bound per concurrency level")
+    args = parser.parse_args()
+
+    import uvicorn
+
+    run = load_run(find_run(args.storage.resolve(), args.run))
+    sequences = Path(__import__("json").loads((run.folder / "config.json").read_text())["sequences_dir"])
+    test = load_sequences(sequences, "test", max_len=run.max_len)
+    histories = []
+    for row in range(len(test)):
+        history = test.inputs[row, : test.lengths[row]].tolist()
+        domain = "B" if test.last_targets[row] >= run.domains.sizes[0] else "A"
+        histories.append((history, domain))
+    app = create_app(run)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    base = f"http://127.0.0.1:{port}"
+    print(f"run {run.name} ({run.folder}); {len(histories)} test histories; items {run.domains.sizes}")
+    try:
+        asyncio.run(_drive(base, histories, 4, 40, 10))  # warm-up
+        for clients in (1, 8, 32):
+            before = app.state.batcher.batches
+            latencies, elapsed = asyncio.run(_drive(base, histories, clients, args.requests, args.seconds))
+            rounds = app.state.batcher.batches - before
+            rps = len(latencies) / elapsed
+            p50, p99 = (np.percentile(latencies, q) * 1000 for q in (50, 99))
+            line = (
+                f"clients {clients:>2}: {len(latencies):>5} requests in {elapsed:5.1f} s = {rps:7.1f} req/s; "
+                f"p50 {p50:6.1f} ms, p99 {p99:6.1f} ms; {rounds / max(len(latencies), 1):.2f} forward rounds per request"
+            )
+            if clients in TARGETS:
+                metric, target = TARGETS[clients]
+                value = p99 if metric == "p99_ms" else rps
+                met = value <= target if metric == "p99_ms" else value >= target
+                line += f"; target {metric} {'<=' if metric == 'p99_ms' else '>='} {target:g}: {'met' if met else 'NOT met'}"
+            print(line, flush=True)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    print(f"peak resident memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

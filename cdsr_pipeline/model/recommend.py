@@ -1,0 +1,237 @@
+"""Recommendations from a trained run, with what explains them.
+
+:func:`load_run` rebuilds a run's model from its folder (``runs/<run>/`` of a model
+asset: ``config.json`` names the sequences and feature tables it was trained on; the
+best checkpoint is loaded with ``weights_only=True``). :func:`recommend` scores every
+item of the target domain for one history, exactly as evaluation does
+(``full_sort_predict``), and explains each of the top-k items by the share of its score
+that each tower (id, text, image, tag) contributed and, for runs with a tag tower, by
+the tags it shares with the history's items: weight = its own tag weight times the
+summed weights of that tag over the history.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import torch
+
+from ..errors import UserInputError
+from .config import train_config_from_dict
+from .data import Domains, FeatureInputs, SequenceArrays, make_batch
+from .trainer import CONFIG_FILE, load_model
+
+MAX_HISTORY = 1000
+"""Longest history accepted (the model reads its last ``max_len`` items)."""
+
+
+class RecommendError(UserInputError):
+    """A request that cannot be answered: unknown items or domain, empty history, k out of range."""
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    item_id: int
+    source_id: str
+    title: str | None
+    score: float
+    towers: dict[str, float]  # tower -> its part of ``score``
+    tags: list[tuple[str, float]] = field(default_factory=list)  # shared with the history, strongest first
+
+    @property
+    def top_tower(self) -> str:
+        return max(self.towers, key=self.towers.get)
+
+    def to_dict(self) -> dict:
+        return {
+            "item_id": self.item_id,
+            "source_id": self.source_id,
+            "title": self.title,
+            "score": self.score,
+            "towers": self.towers,
+            "top_tower": self.top_tower,
+            "tags": [{"tag": tag, "weight": weight} for tag, weight in self.tags],
+        }
+
+
+@dataclass
+class LoadedRun:
+    """A run's model and what it needs to answer requests."""
+
+    name: str
+    folder: Path
+    model: torch.nn.Module
+    domains: Domains
+    items: pl.DataFrame  # item_id, domain, source_id, title
+    max_len: int
+    views: tuple[str, ...]
+    tag_rows: dict[int, dict[int, float]] | None  # item -> {tag_id: weight}; None without a tag tower
+    tag_names: dict[int, str]
+
+    def __post_init__(self) -> None:
+        ids = self.items["item_id"].to_list()
+        self.titles = dict(zip(ids, self.items["title"].to_list(), strict=True))
+        self.source_ids = dict(zip(ids, self.items["source_id"].to_list(), strict=True))
+        self.by_source = {source: item for item, source in self.source_ids.items()}
+
+    def item_ids(self, history: Sequence[int | str]) -> list[int]:
+        """Global ids of a history given as global ids or source ids (ASINs); unknown ones listed in the error."""
+        ids, unknown = [], []
+        for entry in history:
+            text = str(entry).strip()
+            if text.lstrip("-").isdigit() and 0 <= int(text) < self.domains.num_items:
+                ids.append(int(text))
+            elif text in self.by_source:
+                ids.append(self.by_source[text])
+            else:
+                unknown.append(text)
+        if unknown:
+            raise RecommendError(f"unknown item ids: {', '.join(unknown[:20])}" + (" ..." if len(unknown) > 20 else ""))
+        return ids
+
+    def domain_index(self, domain: str | int) -> int:
+        text = str(domain).strip()
+        for index, (key, name) in enumerate(zip(("A", "B"), self.domains.names, strict=True)):
+            if text in (key, str(index), name) or text.lower() == name.lower():
+                return index
+        raise RecommendError(f"unknown domain {text!r}; use A, B, {self.domains.names[0]!r} or {self.domains.names[1]!r}")
+
+
+def load_run(folder: str | Path) -> LoadedRun:
+    """A run folder's best checkpoint as a model on CPU, with the items and tags it was trained with."""
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).is_file():
+        raise RecommendError(f"{folder} is not a run folder (no {CONFIG_FILE})")
+    saved = json.loads((folder / CONFIG_FILE).read_text())
+    config = train_config_from_dict(saved["train_config"])
+    sequences = Path(saved["sequences_dir"])
+    paths = {k: (Path(v) if v else None) for k, v in saved["features"].items() if k != "provenance"}
+    features = FeatureInputs(**paths, provenance=saved["features"].get("provenance", {}))
+    missing = [str(p) for p in [sequences, *paths.values()] if p is not None and not p.exists()]
+    if missing:
+        raise RecommendError(f"run {folder.name} was trained on files that are gone: {', '.join(missing)}")
+    model = load_model(folder, sequences, features)
+    items = pl.read_parquet(sequences / "items.parquet", columns=["item_id", "domain", "source_id", "title"])
+    tag_rows, tag_names = None, {}
+    if features.tags is not None and "tag" in getattr(model, "towers", {}):
+        matrix = pl.read_parquet(features.tags, columns=["item_id", "tag_id", "weight"])
+        tag_rows = {}
+        for item, tag, weight in matrix.iter_rows():
+            tag_rows.setdefault(item, {})[tag] = float(weight)
+        if features.tag_vocabulary is not None:
+            vocabulary = pq.read_table(features.tag_vocabulary).to_pylist()
+            tag_names = {row["tag_id"]: row["tag"] for row in vocabulary}
+    return LoadedRun(
+        name=config.label,
+        folder=folder,
+        model=model,
+        domains=Domains.load(sequences),
+        items=items,
+        max_len=config.max_len,
+        views=model.views,
+        tag_rows=tag_rows,
+        tag_names=tag_names,
+    )
+
+
+def domain_scores(run: LoadedRun, histories: Sequence[Sequence[int]], domain: int) -> dict[str, torch.Tensor]:
+    """Each tower's scores ([len(histories), N_D]) of every item of ``domain``; their sum is
+    what :meth:`~cdsr_pipeline.model.base.Recommender.full_sort_predict` returns."""
+    width = min(run.max_len, max(len(h) for h in histories))
+    inputs = np.full((len(histories), width), -1, dtype=np.int64)
+    targets = np.full_like(inputs, -1)
+    lengths = np.zeros(len(histories), dtype=np.int64)
+    for row, history in enumerate(histories):
+        kept = list(history)[-width:]
+        inputs[row, : len(kept)] = kept
+        lengths[row] = len(kept)
+        targets[row, len(kept) - 1] = run.domains.first_id(domain)  # any item of D: selects the target domain
+    batch = make_batch(SequenceArrays(inputs, targets, lengths), np.arange(len(histories)), run.domains, run.views)
+    with torch.no_grad():
+        if hasattr(run.model, "tower_scores"):
+            return {name: s.float() for name, s in run.model.tower_scores(batch).items()}
+        return {"popularity": run.model.full_sort_predict(batch).float()}
+
+
+@dataclass(frozen=True)
+class Query:
+    """A validated request: global ids, target domain index, k, whether to leave out seen items."""
+
+    ids: tuple[int, ...]
+    domain: int
+    k: int
+    exclude_seen: bool = False
+
+
+def make_query(
+    run: LoadedRun, history: Sequence[int | str], domain: str | int, k: int = 10, *, exclude_seen: bool = False
+) -> Query:
+    """Check a request against the run (raises :class:`RecommendError` naming the problem)."""
+    if not history:
+        raise RecommendError("the history is empty: give at least one item")
+    if len(history) > MAX_HISTORY:
+        raise RecommendError(f"the history has {len(history)} items; at most {MAX_HISTORY}")
+    target = run.domain_index(domain)
+    size = run.domains.sizes[target]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= size:
+        raise RecommendError(f"k must be an integer between 1 and {size} (the items of {run.domains.names[target]})")
+    return Query(tuple(run.item_ids(history)), target, k, bool(exclude_seen))
+
+
+def recommend(
+    run: LoadedRun, history: Sequence[int | str], domain: str | int, k: int = 10, *, exclude_seen: bool = False
+) -> list[Recommendation]:
+    """The top-``k`` items of ``domain`` for ``history`` (global or source ids), explained."""
+    return answer_queries(run, [make_query(run, history, domain, k, exclude_seen=exclude_seen)])[0]
+
+
+def answer_queries(run: LoadedRun, queries: Sequence[Query]) -> list[list[Recommendation]]:
+    """Answer several queries with one forward pass per target domain (what a server
+    batching concurrent requests does); the same answers as one query at a time."""
+    answers: list[list[Recommendation] | None] = [None] * len(queries)
+    for domain in (0, 1):
+        members = [i for i, q in enumerate(queries) if q.domain == domain]
+        if not members:
+            continue
+        shares = domain_scores(run, [queries[i].ids for i in members], domain)
+        totals = sum(shares.values())
+        for row, index in enumerate(members):
+            answers[index] = _top_k(run, queries[index], totals[row].clone(), {n: s[row] for n, s in shares.items()})
+    return answers  # type: ignore[return-value]
+
+
+def _top_k(run: LoadedRun, query: Query, total: torch.Tensor, shares: dict[str, torch.Tensor]) -> list[Recommendation]:
+    first, size = run.domains.first_id(query.domain), run.domains.sizes[query.domain]
+    if query.exclude_seen:
+        seen = [i - first for i in query.ids if first <= i < first + size]
+        total[seen] = -torch.inf
+    order = torch.argsort(total, descending=True, stable=True)[: query.k].tolist()
+    history_tags: dict[int, float] = {}
+    if run.tag_rows is not None:
+        for item in query.ids:
+            for tag, weight in run.tag_rows.get(item, {}).items():
+                history_tags[tag] = history_tags.get(tag, 0.0) + weight
+    out = []
+    for local in order:
+        item = first + local
+        tags = []
+        if run.tag_rows is not None:
+            shared = {t: w * history_tags[t] for t, w in run.tag_rows.get(item, {}).items() if t in history_tags}
+            tags = [(run.tag_names.get(t, str(t)), round(w, 6)) for t, w in sorted(shared.items(), key=lambda e: -e[1])]
+        out.append(
+            Recommendation(
+                item_id=item,
+                source_id=run.source_ids[item],
+                title=run.titles[item],
+                score=float(total[local]),
+                towers={name: float(s[local]) for name, s in shares.items()},
+                tags=tags,
+            )
+        )
+    return out
