@@ -222,7 +222,7 @@ def cmd_llm_log_import(args: argparse.Namespace) -> int:
 def find_run(storage: Path, name: str | None) -> Path:
     """A run folder by its report name or folder name; default: the best by validation MRR."""
     from .assets.training import all_run_dirs
-    from .errors import UserInputError
+    from .model.recommend import RecommendError
     from .storage import ArtifactStore
 
     runs = all_run_dirs(ArtifactStore(storage))

@@ -105,3 +105,11 @@ def test_comma_list_selects_those_assets():
 
     keys = resolve_selection("sasrec_model,gru4rec_model", defs.resolve_asset_graph())
     assert sorted(k.path[-1] for k in keys) == ["gru4rec_model", "sasrec_model"]
+
+
+def test_recommend_without_a_trained_run_is_one_clear_line(capsys, tmp_path):
+    from cdsr_pipeline.cli import main
+
+    assert main(["recommend", "--storage", str(tmp_path), "--history", "1,2", "--domain", "A"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no trained run under") and len(err.strip().splitlines()) == 1

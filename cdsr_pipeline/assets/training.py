@@ -28,7 +28,7 @@ from pydantic import Field
 
 from ..model import FeatureInputs, ModelConfig, TrainConfig, TrainResult, train_model, write_report
 from ..model.config import PRESETS
-from ..model.runs import MODEL_NAMES, RunSpec, plan_runs
+from ..model.runs import RunSpec, plan_runs
 from ..resources import StorageResource
 from ..storage import ArtifactStore, MissingArtifactError, stable_hash
 from ._stage import DeclaredInputs, run_stage

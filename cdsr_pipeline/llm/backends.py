@@ -12,10 +12,9 @@ answer, and it goes into asset metadata.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 from cdsr_pipeline.llm.embedded import EmbeddedBackend, EmbeddedConfig
 from cdsr_pipeline.llm.ollama_backend import OllamaBackend, OllamaConfig
@@ -40,7 +39,6 @@ __all__ = [
     "OllamaConfig",
     "Prompt",
     "SupportsContinuationScoring",
-    "identity_label",
     "open_backend",
 ]
 
@@ -89,8 +87,3 @@ def open_backend(config: LLMConfig) -> LLMBackend:
     if config.backend == "ollama":
         return OllamaBackend(config.ollama)
     raise ValueError(f"unknown LLM backend {config.backend!r}; use 'embedded' or 'ollama'")
-
-
-def identity_label(identity: Mapping[str, Any]) -> str:
-    """A one-line form of a backend identity, for logs and metadata."""
-    return json.dumps(dict(identity), sort_keys=True)

@@ -490,7 +490,7 @@ def export_calls(call_log: CallLog, path: str | os.PathLike[str], stage: str | N
         if stage not in STAGES:
             raise CallExportError(f"unknown stage {stage!r}; choose from {', '.join(STAGES)}")
         stage = STAGES[stage]
-    columns = ", ".join(f"p.prefix" if name == "prefix" else f"c.{name}" for name in EXPORT_SCHEMA.names)
+    columns = ", ".join("p.prefix" if name == "prefix" else f"c.{name}" for name in EXPORT_SCHEMA.names)
     where = "WHERE (? IS NULL OR c.stage = ?)"
     table = call_log._con.sql(
         f"SELECT {columns} FROM {_TABLE} c JOIN {_PREFIXES} p USING (prefix_hash) {where} ORDER BY c.stage, c.item_key, c.key",

@@ -203,9 +203,9 @@ def write_report(
     for protocol in PROTOCOLS:
         doc.heading(2, f"Results: {protocol_label(protocol, negatives)}")
         doc.paragraph(
-            f"Test metrics in %, per target domain. **Papers' rule**: each domain at the epoch of its best validation "
-            f"MRR under this protocol (epochs in the last column). **Best checkpoint**: the early-stopping epoch "
-            f"(best mean validation MRR of the two domains under the run's selection protocol)."
+            "Test metrics in %, per target domain. **Papers' rule**: each domain at the epoch of its best validation "
+            "MRR under this protocol (epochs in the last column). **Best checkpoint**: the early-stopping epoch "
+            "(best mean validation MRR of the two domains under the run's selection protocol)."
         )
         doc.heading(3, "Papers' rule (per-domain best validation epoch)")
         doc.table(*_results_table(results, names, protocol, per_domain=True))
