@@ -223,3 +223,26 @@ def test_call_log_is_locked_against_a_second_process(tmp_path):
     assert out.stdout.startswith("LOCKED") and "in use by another process" in out.stdout
     with CallLog(path):  # free again once the first one closed
         pass
+
+
+def test_tag_informativeness_shows_a_tag_every_item_shares():
+    from cdsr_pipeline.llm import tag_informativeness
+
+    items = pa.table({"item_id": [0, 1, 2, 3], "domain_name": ["Food", "Food", "Food", "Kitchen"]})
+    vocabulary = pa.table({"tag_id": pa.array([0, 1, 2], pa.int32()), "tag": ["food", "tea", "pans"]})
+    matrix = pa.table(
+        {
+            "item_id": [0, 0, 1, 2, 3],
+            "tag_id": pa.array([0, 1, 0, 1, 2], pa.int32()),
+            "weight": pa.array([0.9, 0.1, 1.0, 1.0, 1.0], pa.float32()),
+        }
+    )
+    info = tag_informativeness(matrix, items, vocabulary)
+    assert info["Food"]["most_common_strongest_tag"] == "food"
+    assert info["Food"]["its_share"] == pytest.approx(2 / 3, abs=1e-4)
+    assert info["Food"]["distinct_strongest_tags"] == 2
+    assert info["Food"]["entropy_bits"] == pytest.approx(0.918, abs=1e-3)
+    assert info["Kitchen"] == {
+        "items": 1, "items_with_tags": 1, "distinct_strongest_tags": 1, "most_common_strongest_tag": "pans",
+        "its_share": 1.0, "entropy_bits": 0.0, "mean_strongest_weight": 1.0,
+    }

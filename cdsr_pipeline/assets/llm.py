@@ -33,6 +33,7 @@ from ..llm import (
     open_backend,
     score_item_tags,
     static_tag_matrix,
+    tag_informativeness,
     variant_name,
 )
 from ..resources import LLMResource, StorageResource, TextEncoderResource
@@ -288,9 +289,16 @@ def item_tag_matrix(context: dg.AssetExecutionContext, config: TagMatrixSettings
                 variants[name] = counts
         table, counts = build_tag_matrix(scores, TagMatrixConfig(**settings))
         write_parquet_atomic(table, folder / matrix_file("default"))
+        informativeness = tag_informativeness(table, _items(store), vocabulary)
         static, static_counts = static_tag_matrix(_items(store), domain_tags, vocabulary)
         write_parquet_atomic(static, folder / matrix_file(STATIC_VARIANT))
         variants[STATIC_VARIANT] = static_counts
-        return {"num_tags": vocabulary.num_rows, "default": settings, "default_counts": counts, "variants": variants}
+        return {
+            "num_tags": vocabulary.num_rows,
+            "default": settings,
+            "default_counts": counts,
+            "variants": variants,
+            "default_informativeness": informativeness,
+        }
 
     return run_stage(context, store, build=build, config=config.model_dump())

@@ -27,6 +27,7 @@ from cdsr_pipeline.llm.tag_matrix import (
     TagMatrixConfig,
     build_tag_matrix,
     static_tag_matrix,
+    tag_informativeness,
     variant_name,
 )
 from cdsr_pipeline.llm.tag_scoring import TagScoringConfig, TextEncoder, score_item_tags
@@ -70,5 +71,6 @@ __all__ = [
     "open_backend",
     "score_item_tags",
     "static_tag_matrix",
+    "tag_informativeness",
     "variant_name",
 ]

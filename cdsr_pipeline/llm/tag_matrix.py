@@ -136,3 +136,39 @@ def _counts(items: int, without: int, entries: int) -> dict[str, float]:
         "entries": entries,
         "mean_tags_per_item": entries / items if items else 0.0,
     }
+
+
+def tag_informativeness(matrix: pa.Table, items: pa.Table, vocabulary: pa.Table) -> dict[str, dict]:
+    """How much a tag matrix tells items apart, per domain: the distribution of each
+    item's strongest tag (its most common tag and that tag's share of the items, the
+    number of distinct strongest tags, their entropy in bits) and the mean weight of
+    the strongest tag. A matrix where one tag is almost every item's strongest (share
+    near 1, entropy near 0) gives the tag tower almost nothing to learn from."""
+    import math
+    from collections import Counter
+
+    names = dict(zip(vocabulary["tag_id"].to_pylist(), vocabulary["tag"].to_pylist(), strict=True))
+    domain_of = dict(zip(items["item_id"].to_pylist(), items["domain_name"].to_pylist(), strict=True))
+    strongest: dict[int, tuple[float, int]] = {}
+    for item, tag, weight in zip(
+        matrix["item_id"].to_pylist(), matrix["tag_id"].to_pylist(), matrix["weight"].to_pylist(), strict=True
+    ):
+        if item not in strongest or (weight, -tag) > (strongest[item][0], -strongest[item][1]):
+            strongest[item] = (weight, tag)
+    out = {}
+    for domain in sorted(set(domain_of.values())):
+        members = [item for item, d in domain_of.items() if d == domain]
+        tagged = [strongest[item] for item in members if item in strongest]
+        counts = Counter(tag for _, tag in tagged)
+        total = sum(counts.values())
+        top_tag, top_count = counts.most_common(1)[0] if counts else (None, 0)
+        out[domain] = {
+            "items": len(members),
+            "items_with_tags": total,
+            "distinct_strongest_tags": len(counts),
+            "most_common_strongest_tag": names.get(top_tag) if top_tag is not None else None,
+            "its_share": round(top_count / total, 4) if total else None,
+            "entropy_bits": round(max(0.0, -sum(c / total * math.log2(c / total) for c in counts.values())), 3) if total else None,
+            "mean_strongest_weight": round(sum(w for w, _ in tagged) / total, 4) if total else None,
+        }
+    return out
