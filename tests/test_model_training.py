@@ -166,3 +166,17 @@ def test_freed_memory_is_kept_for_reuse_where_the_c_library_is_glibc():
     big = torch.ones(16 * 2**20)  # 64 MB: from the heap now, not a fresh mmap; still usable and freed
     assert big.sum().item() == 16 * 2**20
     del big
+
+
+def test_a_larger_patience_extends_a_stopped_run_exactly(dataset, tmp_path):
+    sequences, features = dataset
+    config = _config("gru4rec", epochs=12, patience=2, learning_rate=0.2)
+    straight = train_model(sequences, features, config, tmp_path / "straight")
+    stopped = train_model(sequences, features, dataclasses.replace(config, patience=1), tmp_path / "extended")
+    assert stopped.metrics["stopped_early"] and stopped.metrics["epochs_run"] < straight.metrics["epochs_run"]
+    extended = train_model(sequences, features, config, tmp_path / "extended")  # same folder, larger patience
+    assert _comparable(extended).equals(_comparable(straight))
+    assert extended.metrics["best_checkpoint"] == straight.metrics["best_checkpoint"]
+    # a smaller patience than the recorded run went past is refused, not silently mislabelled
+    with pytest.raises(ValueError, match="a smaller patience needs a fresh run folder"):
+        train_model(sequences, features, dataclasses.replace(config, patience=1), tmp_path / "straight")

@@ -195,11 +195,12 @@ class TrainConfig:
     def identity_hash(self) -> str:
         """Hash of everything that changes the trained weights or the metrics.
 
-        ``epochs`` (a resumed run may be extended), ``device``, ``num_threads``,
+        ``epochs`` and ``patience`` (a resumed run may be extended: the epochs it ran
+        are those of any run with larger limits), ``device``, ``num_threads``,
         ``progress``, ``name`` and ``ablation_group`` are left out.
         """
         fields = config_to_dict(self)
-        for key in ("epochs", "device", "num_threads", "progress", "name", "ablation_group"):
+        for key in ("epochs", "patience", "device", "num_threads", "progress", "name", "ablation_group"):
             fields.pop(key)
         return stable_hash(fields)
 

@@ -266,6 +266,7 @@ def train_model(sequences_dir: Path, features: FeatureInputs, config: TrainConfi
         if optimizer is not None:
             optimizer.load_state_dict(checkpoint["optimizer"])
         state, history = dict(checkpoint["early_stopping"]), list(checkpoint["history"])
+        state["stopped"] = _stopped_under(history, config, state)
         log.info("%s: resuming after epoch %d", config.label, state["epoch"])
 
     selection = f"valid_{config.selection_protocol}_mean_mrr"
@@ -347,6 +348,30 @@ def train_model(sequences_dir: Path, features: FeatureInputs, config: TrainConfi
     )
     atomic_write_text(out_dir / METRICS_FILE, json.dumps(metrics, indent=2))
     return TrainResult(out_dir, config, metrics)
+
+
+def _stopped_under(history: list[dict[str, Any]], config: TrainConfig, state: dict) -> bool:
+    """Whether a resumed run is finished under this config's patience.
+
+    Patience is a limit like ``epochs``: with a larger one, a run that stopped early
+    continues from its last epoch exactly as an uninterrupted run would (epoch e's
+    batches and dropout come from (seed, e)). A smaller one is only accepted while
+    the recorded epochs are the ones it would have run; otherwise the best checkpoint
+    it would keep may have been overwritten, and the run needs a fresh folder.
+    """
+    selection = f"valid_{config.selection_protocol}_mean_mrr"
+    best, bad = -math.inf, 0
+    for index, row in enumerate(history):
+        if row[selection] > best:
+            best, bad = row[selection], 0
+        else:
+            bad += 1
+        if bad >= config.patience and index + 1 < len(history):
+            raise ValueError(
+                f"{config.label}: the recorded run went {len(history) - index - 1} epoch(s) past where patience "
+                f"{config.patience} stops it; a smaller patience needs a fresh run folder"
+            )
+    return state["bad_epochs"] >= config.patience
 
 
 def hardware_summary(device: torch.device) -> dict[str, Any]:
