@@ -180,3 +180,20 @@ def test_a_larger_patience_extends_a_stopped_run_exactly(dataset, tmp_path):
     # a smaller patience than the recorded run went past is refused, not silently mislabelled
     with pytest.raises(ValueError, match="a smaller patience needs a fresh run folder"):
         train_model(sequences, features, dataclasses.replace(config, patience=1), tmp_path / "straight")
+
+
+def test_a_run_from_before_patience_left_the_identity_still_resumes(dataset, tmp_path):
+    from cdsr_pipeline.model.trainer import LAST_CHECKPOINT, inputs_digest
+    from cdsr_pipeline.storage import stable_hash
+
+    sequences, features = dataset
+    config = _config("gru4rec", epochs=2)
+    train_model(sequences, features, dataclasses.replace(config, epochs=1), tmp_path / "run")
+    checkpoint = load_checkpoint(tmp_path / "run" / LAST_CHECKPOINT)
+    checkpoint["identity"] = stable_hash(  # what the trainer wrote before: patience in the identity
+        {"config": config.legacy_identity_hash(), "inputs": inputs_digest(sequences, features)}
+    )
+    torch.save(checkpoint, tmp_path / "run" / LAST_CHECKPOINT)
+    resumed = train_model(sequences, features, config, tmp_path / "run")
+    assert resumed.metrics["epochs_run"] == 2
+    assert _comparable(resumed).equals(_comparable(train_model(sequences, features, config, tmp_path / "fresh")))

@@ -185,8 +185,7 @@ def train_runs(
         spec = by_name.get(train_config.name) or by_name[train_config.name.removesuffix(SINGLE_DOMAIN_SUFFIX)]
         context.log.info(f"run {index}/{len(configs)}: {train_config.name}")
         features, versions = _feature_inputs(inputs, spec)
-        key = stable_hash({"config": train_config.identity_hash(), "inputs": versions})[:16]
-        work = store.cache_dir("training") / f"{_slug(train_config.name)}-{key}"
+        work = _run_folder(store, train_config, versions)
         result = train_model(sequences, features, train_config, work)
         target = folder / RUNS_DIR / _slug(train_config.name)
         target.mkdir(parents=True)
@@ -197,6 +196,16 @@ def train_runs(
         prefix = "" if len(configs) == 1 else f"{train_config.name} / "
         values.update({prefix + k: v for k, v in _plottable(result).items()})
     return {"runs": summary, "device": config.device, "patience": config.patience, "max_epochs": config.epochs} | values
+
+
+def _run_folder(store: ArtifactStore, config: TrainConfig, versions: dict[str, str]) -> Path:
+    """The run's folder in the training cache, named after its config and inputs (a
+    folder of the same run from before patience left the identity is reused)."""
+    def folder(identity: str) -> Path:
+        return store.cache_dir("training") / f"{_slug(config.name)}-{stable_hash({'config': identity, 'inputs': versions})[:16]}"
+
+    current, legacy = folder(config.identity_hash()), folder(config.legacy_identity_hash())
+    return legacy if legacy.is_dir() and not current.is_dir() else current
 
 
 def _run_summary(result: TrainResult) -> dict:

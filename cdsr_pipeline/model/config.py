@@ -204,6 +204,14 @@ class TrainConfig:
             fields.pop(key)
         return stable_hash(fields)
 
+    def legacy_identity_hash(self) -> str:
+        """The identity of runs trained before ``patience`` became extendable (it was
+        part of it): such run folders and checkpoints are still found and resumed."""
+        fields = config_to_dict(self)
+        for key in ("epochs", "device", "num_threads", "progress", "name", "ablation_group"):
+            fields.pop(key)
+        return stable_hash(fields)
+
 
 def config_to_dict(config: TrainConfig | ModelConfig) -> dict[str, Any]:
     """Plain JSON-able dict (tuples become lists)."""

@@ -260,6 +260,9 @@ def train_model(sequences_dir: Path, features: FeatureInputs, config: TrainConfi
     last_path = out_dir / LAST_CHECKPOINT
     if last_path.is_file():
         checkpoint = load_checkpoint(last_path)
+        legacy = stable_hash({"config": config.legacy_identity_hash(), "inputs": inputs_digest(sequences_dir, features)})
+        if checkpoint.get("identity") == legacy:
+            identity = legacy  # a run from before patience left the identity: keep its checkpoints consistent
         if checkpoint.get("identity") != identity:
             raise ValueError(f"{out_dir} holds a run of a different configuration or inputs; use a fresh folder")
         model.load_state_dict(checkpoint["model"])
