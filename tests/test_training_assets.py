@@ -113,3 +113,16 @@ def test_recommend_without_a_trained_run_is_one_clear_line(capsys, tmp_path):
     assert main(["recommend", "--storage", str(tmp_path), "--history", "1,2", "--domain", "A"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no trained run under") and len(err.strip().splitlines()) == 1
+
+
+def test_single_domain_users_add_a_separately_named_run():
+    from cdsr_pipeline.assets.training import TrainingSettings
+    from cdsr_pipeline.model.runs import plan_runs
+
+    configs = TrainingSettings(also_with_single_domain_users=True).run_configs(plan_runs(["sasrec"]))
+    assert [(c.name, c.train_user_domains) for c in configs] == [
+        ("SASRec", ("both",)),
+        ("SASRec + single-domain users", ("both", "A", "B")),
+    ]
+    assert configs[0].identity_hash() != configs[1].identity_hash()
+    assert len(TrainingSettings().run_configs(plan_runs(["sasrec"]))) == 1
