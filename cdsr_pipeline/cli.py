@@ -134,7 +134,7 @@ def resolve_selection(text: str, asset_graph):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    storage = Path(args.storage).resolve() if args.storage else default_storage_root()
+    storage = _storage_root(args)
     os.environ.setdefault("DAGSTER_HOME", str(storage / "dagster"))
     home = Path(os.environ["DAGSTER_HOME"])
     home.mkdir(parents=True, exist_ok=True)
@@ -185,10 +185,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _storage_root(args: argparse.Namespace) -> Path:
+    return Path(args.storage).resolve() if args.storage else default_storage_root()
+
+
 def _call_log_path(args: argparse.Namespace) -> Path:
     from .llm import CALL_LOG_FILE
 
-    storage = Path(args.storage).resolve() if args.storage else default_storage_root()
+    storage = _storage_root(args)
     return storage / "cache" / CALL_LOG_FILE
 
 
@@ -246,7 +250,7 @@ def _mean_valid_mrr(metrics: dict) -> float:
 def cmd_recommend(args: argparse.Namespace) -> int:
     from .model.recommend import load_run, recommend
 
-    storage = Path(args.storage).resolve() if args.storage else default_storage_root()
+    storage = _storage_root(args)
     run = load_run(find_run(storage, args.run))
     history = [part for part in args.history.split(",") if part.strip()]
     results = recommend(run, history, args.domain, args.k, exclude_seen=args.exclude_seen)
@@ -265,7 +269,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .model.recommend import load_run
     from .serve import serve
 
-    storage = Path(args.storage).resolve() if args.storage else default_storage_root()
+    storage = _storage_root(args)
     run = load_run(find_run(storage, args.run))
     print(f"serving run {run.name} ({run.folder}) on http://{args.host}:{args.port}")
     serve(run, host=args.host, port=args.port)

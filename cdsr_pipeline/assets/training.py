@@ -27,7 +27,7 @@ import polars as pl
 from pydantic import Field
 
 from ..model import FeatureInputs, ModelConfig, TrainConfig, TrainResult, train_model, write_report
-from ..model.config import PRESETS
+from ..model.config import ABLATIONS, PRESETS
 from ..model.runs import RunSpec, plan_runs
 from ..resources import StorageResource
 from ..storage import ArtifactStore, MissingArtifactError, stable_hash
@@ -252,8 +252,6 @@ class TrainingAsset:
     in_full_pipeline: bool = True  # part of the ``cdsr_full_pipeline`` job (``cdsr run`` with no --select)
 
     def models(self) -> list[ModelConfig]:
-        from ..model.config import ABLATIONS
-
         if self.ablation in ("tema_table5", "tema_table6"):
             return [PRESETS["tema_llm"]]
         if self.ablation:

@@ -235,7 +235,8 @@ def train_model(sequences_dir: Path, features: FeatureInputs, config: TrainConfi
         torch.set_num_threads(config.num_threads)
     data = _load_run_data(sequences_dir, config)
     model = _build(config, sequences_dir, features, data.domains).to(device)
-    identity = stable_hash({"config": config.identity_hash(), "inputs": inputs_digest(sequences_dir, features)})
+    digest = inputs_digest(sequences_dir, features)  # hashes every input file: once per run
+    identity = stable_hash({"config": config.identity_hash(), "inputs": digest})
     atomic_write_text(
         out_dir / CONFIG_FILE,
         json.dumps(
@@ -260,7 +261,7 @@ def train_model(sequences_dir: Path, features: FeatureInputs, config: TrainConfi
     last_path = out_dir / LAST_CHECKPOINT
     if last_path.is_file():
         checkpoint = load_checkpoint(last_path)
-        legacy = stable_hash({"config": config.legacy_identity_hash(), "inputs": inputs_digest(sequences_dir, features)})
+        legacy = stable_hash({"config": config.legacy_identity_hash(), "inputs": digest})
         if checkpoint.get("identity") == legacy:
             identity = legacy  # a run from before patience left the identity: keep its checkpoints consistent
         if checkpoint.get("identity") != identity:
