@@ -6,9 +6,9 @@
   config and code are unchanged reuse their artifacts.
 - ``cdsr stats PATH --format FORMAT [--json]`` prints the split statistics of any
   supported source in the shape of the papers' Table 1.
-- ``cdsr llm-log export FILE [--stage S]`` / ``cdsr llm-log import FILE`` move recorded
-  LLM answers between storages as one parquet file (verified on import; a recorded
-  answer is never replaced).
+- ``cdsr llm-log export FILE [--stage S] [--max-file-mb 4]`` / ``cdsr llm-log import FILE...``
+  move recorded LLM answers between storages as parquet (split into parts above the
+  size limit; verified on import; a recorded answer is never replaced).
 - ``cdsr recommend --history ID,ID --domain D [--run RUN] [--k 10] [--exclude-seen] [--json]``:
   the top-k items of a domain for a history, with each tower's share and shared tags.
 """
@@ -100,14 +100,14 @@ def _run_config(args: argparse.Namespace) -> dict:
     return config
 
 
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SELECTION_PART = re.compile(r"\*?\+*[A-Za-z_][A-Za-z0-9_]*\+*\*?")  # a name, with Dagster's * and + around it
 
 
 def resolve_selection(text: str, asset_graph):
     """The asset keys of a ``--select`` value, or a one-line error with a hint.
 
     Dagster's selection syntax (``key:a or key:b``, ``*a``, ``a+``), or a comma list of
-    asset names (``a,b``), which becomes ``key:a or key:b``.
+    such selections (``a,b``, ``*a,b+``): the union of its parts.
     """
     import dagster as dg
     from dagster._core.definitions.asset_selection import DagsterInvalidAssetSelectionError
@@ -116,11 +116,14 @@ def resolve_selection(text: str, asset_graph):
     names = {key.to_user_string() for key in asset_graph.get_all_asset_keys()}
     parts = [part.strip() for part in text.split(",")]
     hint = "write several assets as 'a,b' or 'key:a or key:b'; assets: " + ", ".join(sorted(names))
-    if len(parts) > 1 and all(_NAME.fullmatch(part) for part in parts):
-        unknown = [part for part in parts if part not in names]
+    if len(parts) > 1 and all(_SELECTION_PART.fullmatch(part) for part in parts):
+        unknown = [part.strip("*+") for part in parts if part.strip("*+") not in names]
         if unknown:
             return f"--select {text!r}: no asset named {', '.join(unknown)}; {hint}"
-        text = " or ".join(f"key:{part}" for part in parts)
+        keys = set()
+        for part in parts:
+            keys |= set(dg.AssetSelection.from_string(part).resolve(asset_graph))
+        return sorted(keys)
     try:
         selection = sorted(dg.AssetSelection.from_string(text).resolve(asset_graph))
     except DagsterInvalidSubsetError:
@@ -203,24 +206,31 @@ def cmd_llm_log_export(args: argparse.Namespace) -> int:
     if not path.is_file():
         print(f"error: no LLM call log at {path} (run the LLM stages first, or pass --storage)", file=sys.stderr)
         return 2
+    limit = None if args.max_file_mb <= 0 else int(args.max_file_mb * 1024 * 1024)
     with CallLog(path) as call_log:
-        written, left_out = export_calls(call_log, args.file, stage=args.stage)
-    print(f"exported {written:,} recorded answers from {path} to {args.file}")
+        written, left_out, files = export_calls(call_log, args.file, stage=args.stage, max_file_bytes=limit)
+    where = files[0] if len(files) == 1 else f"{len(files)} parts {files[0].name} .. {files[-1].name} in {files[0].parent}"
+    print(f"exported {written:,} recorded answers from {path} to {where}")
     if left_out:
         print(f"left out {left_out:,} answers recorded before the log kept prompt prefixes (they cannot be verified)")
     return 0
 
 
 def cmd_llm_log_import(args: argparse.Namespace) -> int:
-    from .llm.calllog import CallLog, import_calls, read_call_export
+    from .llm.calllog import CallLog, export_part_paths, import_calls, read_call_export
 
-    table = read_call_export(args.file)
+    # an export written in parts is named by its own path (NAME.parquet for NAME.partNN.parquet)
+    files = [part for name in args.files for part in (export_part_paths(name) or [Path(name)])]
+    tables = [read_call_export(file) for file in files]  # every file checked before any is imported
     path = _call_log_path(args)
+    conflicts = False
     with CallLog(path) as call_log:
-        report = import_calls(call_log, table)
-    print(f"{args.file} -> {path}")
-    print(report.summary())
-    return 1 if report.conflicts and args.strict else 0
+        for file, table in zip(files, tables):
+            report = import_calls(call_log, table)
+            print(f"{file} -> {path}")
+            print(report.summary())
+            conflicts = conflicts or bool(report.conflicts)
+    return 1 if conflicts and args.strict else 0
 
 
 def find_run(storage: Path, name: str | None) -> Path:
@@ -326,13 +336,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     llm_log = sub.add_parser("llm-log", help="export or import recorded LLM answers (portable parquet)")
     llm_log_sub = llm_log.add_subparsers(dest="llm_log_command", required=True)
-    export = llm_log_sub.add_parser("export", help="write the call log's answers to one parquet file")
-    export.add_argument("file", help="parquet file to write")
+    export = llm_log_sub.add_parser("export", help="write the call log's answers to parquet (parts when large)")
+    export.add_argument("file", help="parquet file to write (NAME.partNN.parquet beside it when larger than --max-file-mb)")
+    export.add_argument(
+        "--max-file-mb", type=float, default=4.0, help="largest file to write, in MiB; larger exports are split (0: no limit)"
+    )
     export.add_argument("--stage", choices=sorted(STAGES), help="only this stage's answers (default: all)")
     export.add_argument("--storage", help="storage root whose call log to read (default: $CDSR_STORAGE or ./storage)")
     export.set_defaults(func=cmd_llm_log_export)
-    imp = llm_log_sub.add_parser("import", help="add an export's answers to this storage's call log")
-    imp.add_argument("file", help="parquet file written by `cdsr llm-log export`")
+    imp = llm_log_sub.add_parser("import", help="add exported answers to this storage's call log")
+    imp.add_argument("files", nargs="+", metavar="FILE", help="files written by `cdsr llm-log export` (an export in parts: its NAME.parquet)")
     imp.add_argument("--storage", help="storage root whose call log to extend (default: $CDSR_STORAGE or ./storage)")
     imp.add_argument("--strict", action="store_true", help="exit 1 when any answer conflicts with a recorded one")
     imp.set_defaults(func=cmd_llm_log_import)

@@ -57,6 +57,11 @@ class _EncoderResource(dg.ConfigurableResource):
     )
     device: Optional[str] = Field(default=None, description="cuda / cpu; empty: CUDA when present.")
     batch_size: Optional[int] = Field(default=None, description="Items per forward pass; empty: 64.")
+    precision: str = Field(
+        default="fp32",
+        description="fp32, or bf16 where the device multiplies bf16 natively (other vectors: the tag candidates, "
+        "hence the LLM's prompts, change with them).",
+    )
 
     def spec(self):
         from .features.encoders import EncoderSpec
@@ -67,6 +72,7 @@ class _EncoderResource(dg.ConfigurableResource):
             pretrained=self.pretrained,
             device=self.device,
             batch_size=self.batch_size,
+            precision=self.precision,
         )
 
     def fingerprint(self, store: ArtifactStore) -> str:
@@ -81,6 +87,8 @@ class _EncoderResource(dg.ConfigurableResource):
 
         spec = self.spec().resolved()
         identity = {"backend": spec.backend, "model": spec.model, "pretrained": spec.pretrained}
+        if spec.precision != "fp32":
+            identity["precision"] = spec.precision  # fp32 keeps the fingerprint it had before precision existed
         for key in ("model", "pretrained"):
             value = identity[key]
             if value and Path(value).expanduser().is_file():

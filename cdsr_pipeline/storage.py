@@ -91,12 +91,24 @@ class FileHashCache:
             return digest
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+"""The mode a plain ``open()`` would give a new file: mkstemp makes its files 0600, so
+an artifact (or an export meant to be shared) would otherwise be readable by its owner only."""
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -117,6 +129,7 @@ def write_parquet_atomic(table: pa.Table, path: str | os.PathLike[str], **kwargs
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.fchmod(fd, _FILE_MODE)
     os.close(fd)
     try:
         pq.write_table(table, tmp, compression=kwargs.pop("compression", "zstd"), **kwargs)

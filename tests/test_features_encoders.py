@@ -204,3 +204,28 @@ def test_minilm_passes_grouped_by_token_count_give_sentence_transformers_vectors
     expected = encoder.model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
     for batch_size in (1, 3, 64):
         np.testing.assert_allclose(encoder.encode_texts(texts, batch_size=batch_size), expected, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_minilm_in_bf16_keeps_each_real_titles_vector(monkeypatch):
+    from cdsr_pipeline import hardware
+
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: True)  # emulated where the CPU lacks it: same numbers
+    fp32 = load_text_encoder(EncoderSpec(backend="sentence_transformers", device="cpu"))
+    bf16 = load_text_encoder(EncoderSpec(backend="sentence_transformers", device="cpu", precision="bf16"))
+    assert bf16.identity == {**fp32.identity, "precision": "bf16"} and bf16.identity_hash != fp32.identity_hash
+    titles = [row["title"] for row in read_titles()]
+    a, b = fp32.encode_texts(titles), bf16.encode_texts(titles)
+    assert b.dtype == np.float32
+    cosines = (a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cosines.min() >= 0.999, cosines
+
+
+def test_bf16_encoder_is_refused_where_the_cpu_has_no_native_bf16(monkeypatch):
+    from cdsr_pipeline import hardware
+
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: False)
+    with pytest.raises(EncoderConfigError, match="no native bf16"):
+        EncoderSpec(backend="sentence_transformers", device="cpu", precision="bf16").resolved()
+    with pytest.raises(EncoderConfigError, match="precision must be fp32 or bf16"):
+        EncoderSpec(backend="sentence_transformers", device="cpu", precision="fp16").resolved()

@@ -125,6 +125,42 @@ def test_bad_rows_with_exact_line_numbers(tmp_path: Path) -> None:
     assert "no items file: items have no title, description or image" in report.notes
 
 
+@pytest.mark.parametrize("compressed", [False, True])
+def test_a_line_with_an_unbalanced_quote_is_quarantined_and_the_rest_is_read(tmp_path: Path, compressed: bool) -> None:
+    lines = [
+        b"user,item,domain,timestamp",  # 1
+        b"u1,i1,Food,1",  # 2
+        b'u0,"multi',  # 3: a quoted field over two lines: one good record
+        b'line",Food,2',  # 4
+        b'"unterminated,i3,Food,4',  # 5: its quote runs to line 7's quote
+        b"u2,i2,Kitchen,5",  # 6
+        b'u3,"i4",Kitchen,6',  # 7
+        b"u4,i5,Food,7",  # 8
+        b'u5,"i6,Food,8',  # 9: its quote runs to the end of the file
+        b"u6,i7,Kitchen,9",  # 10
+        b"u7,i8,Kitchen,10",  # 11
+    ]
+    data = b"\n".join(lines) + b"\n"
+    path = tmp_path / ("log.csv.gz" if compressed else "log.csv")
+    path.write_bytes(gzip.compress(data) if compressed else data)
+    out = tmp_path / "out"
+    report = ingest_interactions_file(path, None, out, ("Food", "Kitchen"))
+    assert quarantine(out) == [(path.name, 5, "unbalanced_quote"), (path.name, 9, "unbalanced_quote")]
+    raw = {r["line"]: r["raw"] for r in read(out, QUARANTINE_FILE)}
+    assert raw == {5: '"unterminated,i3,Food,4', 9: 'u5,"i6,Food,8'}
+    kept = [(r["user"], r["item"]) for r in read(out, INTERACTIONS_FILE)]
+    assert kept == [("u1", "i1"), ("u0", "multi\nline"), ("u2", "i2"), ("u3", "i4"), ("u4", "i5"), ("u6", "i7"), ("u7", "i8")]
+    assert report.lines_read == 9  # records: the two-line one counts once
+    assert not any("blank lines" in note for note in report.notes)
+
+
+def test_a_csv_without_a_header_line_is_one_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "log.csv"
+    path.write_text("")
+    with pytest.raises(SourceError, match=r"log.csv: no header line"):
+        ingest_interactions_file(path, None, tmp_path / "out", None)
+
+
 def test_domain_values(tmp_path: Path) -> None:
     path = tmp_path / "log.csv"
     path.write_text("user,item,domain,timestamp\nu1,a,Food,1\nu1,b,Kitchen,2\nu1,c,Toys,3\n")

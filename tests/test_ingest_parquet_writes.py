@@ -46,3 +46,15 @@ def test_a_failure_leaves_the_previous_file_and_no_temporary(tmp_path: Path) -> 
             out.write(con, "SELECT 1 AS n")
     assert pq.read_table(target)["name"].to_pylist() == ["old"]
     assert [p.name for p in tmp_path.iterdir()] == ["out.parquet"]
+
+
+def test_atomic_writes_give_files_the_mode_a_plain_open_would(tmp_path: Path) -> None:
+    from cdsr_pipeline.storage import atomic_write_text, write_parquet_atomic
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")  # what open() gives under this process's umask
+    expected = plain.stat().st_mode & 0o777
+    atomic_write_text(tmp_path / "a.json", "{}")
+    write_parquet_atomic(pa.table({"n": [1]}), tmp_path / "a.parquet")
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == expected
+    assert (tmp_path / "a.parquet").stat().st_mode & 0o777 == expected

@@ -66,8 +66,8 @@ def ask(call_log: CallLog, words: list[str], answerer: Answerer):
 def test_export_import_serves_every_answer_and_is_idempotent(tmp_path):
     with CallLog(tmp_path / "a.duckdb") as log_a:
         ask(log_a, ["tea", "jam", "oil"], Answerer())
-        written, left_out = export_calls(log_a, tmp_path / "answers.parquet", stage="augmentation")
-    assert (written, left_out) == (3, 0)
+        written, left_out, files = export_calls(log_a, tmp_path / "answers.parquet", stage="augmentation")
+    assert (written, left_out, files) == (3, 0, [tmp_path / "answers.parquet"])
     table = pq.read_table(tmp_path / "answers.parquet")
     assert set(table.column("raw_answer").to_pylist()) == {"TEA", "JAM", "OIL"}
     assert pq.read_metadata(tmp_path / "answers.parquet").row_group(0).column(0).compression == "ZSTD"
@@ -81,6 +81,26 @@ def test_export_import_serves_every_answer_and_is_idempotent(tmp_path):
         records, stats = ask(log_b, ["tea", "jam", "oil"], answerer)
     assert answerer.asked == [] and stats.cached == 3
     assert [r.parsed for r in records] == ["TEA", "JAM", "OIL"]
+
+
+def test_a_large_export_is_split_into_parts_that_fit_and_import_reads_them_all(tmp_path):
+    words = ["".join("abcdefghij"[int(d)] for d in f"{i:03d}") + "x" * (i % 7) for i in range(300)]
+    with CallLog(tmp_path / "a.duckdb") as log_a:
+        ask(log_a, words, Answerer())
+        whole = export_calls(log_a, tmp_path / "answers.parquet", max_file_bytes=None)[2][0].stat().st_size
+        limit = whole // 3
+        written, _, files = export_calls(log_a, tmp_path / "answers.parquet", max_file_bytes=limit)
+    assert written == 300 and len(files) >= 3
+    assert [f.name for f in files] == [f"answers.part{i:02d}.parquet" for i in range(1, len(files) + 1)]
+    assert all(f.stat().st_size <= limit for f in files)
+    assert not (tmp_path / "answers.parquet").exists()  # the earlier single file is replaced by the parts
+    assert sum(pq.read_metadata(f).num_rows for f in files) == 300
+
+    assert main(["llm-log", "import", str(tmp_path / "answers.parquet"), "--storage", str(tmp_path / "b")]) == 0
+    with CallLog(tmp_path / "b" / "cache" / "llm_calls.duckdb") as log_b:
+        answerer = Answerer()
+        _, stats = ask(log_b, words, answerer)
+    assert answerer.asked == [] and stats.cached == 300
 
 
 def test_conflicting_answer_is_reported_and_not_replaced(tmp_path):

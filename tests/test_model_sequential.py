@@ -172,6 +172,29 @@ def test_chunked_logsumexp_matches_autograd(monkeypatch, max_logit, path):
     assert all(torch.allclose(a, b) for a, b in zip(grads, expected))
 
 
+@pytest.mark.parametrize("max_logit", [None, 10.0])
+@pytest.mark.parametrize("path", ["stored", "chunked"])
+def test_chunked_logsumexp_under_bf16_autocast_keeps_fp32_normalisers_and_gradients(monkeypatch, max_logit, path):
+    if path == "chunked":
+        monkeypatch.setitem(layers.STORE_ELEMENTS, "cpu", 0)
+        monkeypatch.setitem(layers.CHUNK_ELEMENTS, "cpu", 512)
+    generator = torch.Generator().manual_seed(2)
+    queries = (torch.nn.functional.normalize(torch.randn(200, 32, generator=generator), dim=1) * 10).requires_grad_()
+    candidates = torch.nn.functional.normalize(torch.randn(3000, 32, generator=generator), dim=1).requires_grad_()
+    upstream = torch.rand(200, generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = chunked_logsumexp(queries, candidates, max_logit)
+    assert ours.dtype == torch.float32
+    reference = torch.logsumexp(queries @ candidates.t(), dim=1)
+    # bf16 logits (8-bit mantissa) around 10, an fp32 normaliser of about 16
+    assert (ours - reference).abs().max().item() < 0.02
+    grads = torch.autograd.grad((ours * upstream).sum(), (queries, candidates))
+    expected = torch.autograd.grad((reference * upstream).sum(), (queries, candidates))
+    for got, want in zip(grads, expected):
+        assert got.dtype == torch.float32
+        assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0).item() > 0.999
+
+
 def test_stored_logsumexp_refuses_a_second_backward_instead_of_a_wrong_gradient():
     queries = torch.randn(5, 4, requires_grad=True)
     out = chunked_logsumexp(queries, torch.randn(7, 4), None).sum()

@@ -187,7 +187,7 @@ def test_a_run_from_before_patience_left_the_identity_still_resumes(dataset, tmp
     from cdsr_pipeline.storage import stable_hash
 
     sequences, features = dataset
-    config = _config("gru4rec", epochs=2)
+    config = _config("gru4rec", epochs=2, precision="fp32")  # runs of then were fp32
     train_model(sequences, features, dataclasses.replace(config, epochs=1), tmp_path / "run")
     checkpoint = load_checkpoint(tmp_path / "run" / LAST_CHECKPOINT)
     checkpoint["identity"] = stable_hash(  # what the trainer wrote before: patience in the identity
@@ -197,3 +197,45 @@ def test_a_run_from_before_patience_left_the_identity_still_resumes(dataset, tmp
     resumed = train_model(sequences, features, config, tmp_path / "run")
     assert resumed.metrics["epochs_run"] == 2
     assert _comparable(resumed).equals(_comparable(train_model(sequences, features, config, tmp_path / "fresh")))
+
+
+def test_precision_auto_means_bf16_only_where_the_device_multiplies_it_natively(monkeypatch):
+    from cdsr_pipeline import hardware
+
+    cpu = torch.device("cpu")
+    assert hardware.resolve_precision("fp32", cpu) == "fp32"
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: False)
+    assert hardware.resolve_precision("auto", cpu) == "fp32"
+    with pytest.raises(ValueError, match="no native bf16"):
+        hardware.resolve_precision("bf16", cpu)
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: True)
+    assert hardware.resolve_precision("auto", cpu) == hardware.resolve_precision("bf16", cpu) == "bf16"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        TrainConfig(precision="fp16")
+
+
+def test_bf16_training_is_its_own_run_and_learns_like_fp32(dataset, tmp_path, monkeypatch):
+    from cdsr_pipeline import hardware
+    from cdsr_pipeline.model import trainer
+
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: True)  # bf16 is emulated where it is not native
+    sequences, features = dataset
+    config = _config("tema_llm", epochs=4)
+    fp32 = train_model(sequences, features, dataclasses.replace(config, precision="fp32"), tmp_path / "fp32")
+    bf16 = train_model(sequences, features, dataclasses.replace(config, precision="bf16"), tmp_path / "bf16")
+    assert (fp32.metrics["precision"], bf16.metrics["precision"]) == ("fp32", "bf16")
+    assert fp32.metrics["identity"] != bf16.metrics["identity"]
+    # the fp32 run keeps the identity it had before precision was configurable
+    assert trainer.run_identity(dataclasses.replace(config, precision="fp32"), "fp32") == config.identity_hash()
+    # an fp32 run's folder is not resumed as bf16
+    with pytest.raises(ValueError, match="different configuration"):
+        train_model(sequences, features, dataclasses.replace(config, precision="bf16"), tmp_path / "fp32")
+    gaps = [
+        abs(a - b)
+        for a, b in zip(fp32.epochs()["valid_full_mean_mrr"].to_list(), bf16.epochs()["valid_full_mean_mrr"].to_list())
+    ]
+    assert max(gaps) < 0.05, gaps
+    assert bf16.epochs()["train_loss"].to_list()[-1] < bf16.epochs()["train_loss"].to_list()[0]
+    # the speed-up is labelled in the results tables; the fp32 run is not
+    report = write_report([fp32, bf16], tmp_path / "report").markdown.read_text()
+    assert "| tema_llm (bf16) |" in report and "| tema_llm |" in report and "scripts/precision_table.py" in report

@@ -39,6 +39,7 @@ def test_each_model_depends_only_on_what_it_reads():
         "cdsr_sequences", "item_text_embeddings", "item_image_embeddings", "item_llm_text_embeddings", "llm_augmented_text"
     }
     assert _deps("tema_llm_model") == _deps("llm_emf_model") | {"item_tag_matrix", "domain_tag_vocabularies"}
+    assert _deps("tema_llm_title_model") == _deps("llm_emf_title_model") | {"item_tag_matrix", "domain_tag_vocabularies"}
     assert _deps("evaluation_report") == {spec.name for spec in TRAINING_ASSETS}
 
 
@@ -90,6 +91,7 @@ def test_sasrec_trains_without_any_llm_stage_and_report_lists_missing(tmp_path):
         ("nosuch", "no asset named nosuch"),
         ("a b", "is not a valid selection"),
         ("sasrec_model,nosuch", "no asset named nosuch"),
+        ("*sasrec_model,nosuch+", "no asset named nosuch"),
     ],
 )
 def test_bad_selection_is_one_clear_line(text, message, capsys, tmp_path):
@@ -105,6 +107,12 @@ def test_comma_list_selects_those_assets():
 
     keys = resolve_selection("sasrec_model,gru4rec_model", defs.resolve_asset_graph())
     assert sorted(k.path[-1] for k in keys) == ["gru4rec_model", "sasrec_model"]
+    # parts with Dagster's upstream/downstream marks: the union of each part's selection
+    keys = resolve_selection("*item_tag_matrix,item_text_embeddings", defs.resolve_asset_graph())
+    assert sorted(k.path[-1] for k in keys) == [
+        "cdsr_sequences", "domain_tag_vocabularies", "item_tag_matrix", "item_tag_scores", "item_text_embeddings",
+        "raw_interactions",
+    ]
 
 
 def test_recommend_without_a_trained_run_is_one_clear_line(capsys, tmp_path):

@@ -29,6 +29,7 @@ from pydantic import Field
 from ..model import FeatureInputs, ModelConfig, TrainConfig, TrainResult, train_model, write_report
 from ..model.config import ABLATIONS, PRESETS
 from ..model.runs import RunSpec, plan_runs
+from ..model.trainer import run_identity, run_precision
 from ..resources import StorageResource
 from ..storage import ArtifactStore, MissingArtifactError, stable_hash
 from ._stage import DeclaredInputs, run_stage
@@ -77,6 +78,10 @@ class TrainingSettings(dg.Config):
     seed: int = Field(default=TrainConfig.seed, description="Initialisation, batch order and dropout.")
     device: str = Field(default=TrainConfig.device, description="auto (CUDA when present), cpu or cuda.")
     num_threads: int | None = Field(default=TrainConfig.num_threads, description="torch CPU threads; empty: torch's default.")
+    precision: str = Field(
+        default=TrainConfig.precision,
+        description="auto (bf16 where the device multiplies bf16 natively, else fp32), fp32 or bf16: the training step's matrix products.",
+    )
 
     def train_config(self, spec: RunSpec, train_user_domains: tuple[str, ...] | None = None) -> TrainConfig:
         model = spec.model
@@ -108,6 +113,7 @@ class TrainingSettings(dg.Config):
             seed=self.seed,
             device=self.device,
             num_threads=self.num_threads,
+            precision=self.precision,
         )
 
     def run_configs(self, specs: list[RunSpec]) -> list[TrainConfig]:
@@ -204,7 +210,11 @@ def _run_folder(store: ArtifactStore, config: TrainConfig, versions: dict[str, s
     def folder(identity: str) -> Path:
         return store.cache_dir("training") / f"{_slug(config.name)}-{stable_hash({'config': identity, 'inputs': versions})[:16]}"
 
-    current, legacy = folder(config.identity_hash()), folder(config.legacy_identity_hash())
+    precision = run_precision(config)
+    current = folder(run_identity(config, precision))
+    if precision != "fp32":
+        return current
+    legacy = folder(config.legacy_identity_hash())
     return legacy if legacy.is_dir() and not current.is_dir() else current
 
 
@@ -288,6 +298,11 @@ TRAINING_ASSETS = (
     ),
     TrainingAsset("llm_emf_model", "LLM-EMF: id + image + title and LLM-augmented text, three sequences, no tags.", ("llm_emf",)),
     TrainingAsset("tema_llm_model", "TEMA-LLM: LLM-EMF plus the LLM-matched weighted multi-hot tag tower.", ("tema_llm",)),
+    TrainingAsset(
+        "tema_llm_title_model",
+        "TEMA-LLM with title text only (llm_emf_title_model plus the tag tower): the tags' contribution, before the augmentation exists.",
+        ("tema_llm_title",),
+    ),
     TrainingAsset(
         "tema_llm_fused_model", "TEMA-LLM with TEMA Eq. 9 (one MLP-fused item embedding).", ("tema_llm_fused",), in_full_pipeline=False
     ),

@@ -26,7 +26,9 @@ Quarantine ``line``: for CSV the file's line (header = line 1), exact for rows D
 rejects; for the other rows it counts one line per record, so it is off after blank
 lines or line breaks inside quoted fields. For Parquet, the 1-based row number. ``raw``
 is the line for rows DuckDB rejected, else the row's fields as JSON. Reasons:
-``malformed_row`` (wrong number of fields), ``bad_encoding``, ``missing_field:<column>``,
+``malformed_row`` (wrong number of fields), ``unbalanced_quote`` (a line whose ``"``
+would make the reader take the lines after it as one quoted field: it is set aside, the
+file is read again without it, so the lines after it are kept), ``bad_encoding``, ``missing_field:<column>``,
 ``bad_timestamp``, ``unknown_domain``, ``duplicate_interaction`` (same domain, user, item
 and timestamp; the first is kept), ``duplicate_item`` (a second row for an item; the
 first is kept).
@@ -34,6 +36,8 @@ first is kept).
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import tempfile
 from contextlib import closing
 from pathlib import Path
@@ -58,6 +62,7 @@ from .staging import (
     blank_lines_sql,
     create_item_tables,
     item_notes,
+    open_inflated,
     rejects_options,
     stage_rows,
     write_quarantine,
@@ -79,35 +84,106 @@ def _is_parquet(path: Path) -> bool:
     raise SourceError(f"unknown format (expected .csv, .csv.gz or .parquet): {path}")
 
 
-def _reader_sql(path: Path, rejects: str | None) -> str:
-    """The DuckDB table function reading ``path`` (CSV rejects stored under ``rejects``, or skipped)."""
+def _reader_sql(path: Path, rejects: str | None, columns: list[str] | None = None) -> str:
+    """The DuckDB table function reading ``path`` (CSV rejects stored under ``rejects``, or skipped).
+
+    CSV with ``columns`` (the header's names): read as given, every column text, with no
+    sniffing: a sniffer fails the whole file on one line of broken quoting.
+    """
     if _is_parquet(path):
         return f"read_parquet({sql_str(path)}, file_row_number = true)"
+    types = "{" + ", ".join(f"{sql_str(c)}: 'VARCHAR'" for c in columns) + "}" if columns else None
+    layout = f"auto_detect = false, columns = {types}" if types else "all_varchar = true"
     return (
         f"read_csv({sql_str(path)}, header = true, delim = ',', quote = '\"', escape = '\"', "
-        f"all_varchar = true, compression = 'auto', {rejects_options(rejects)})"
+        f"{layout}, compression = 'auto', {rejects_options(rejects)})"
     )
+
+
+def _header(path: Path) -> list[str]:
+    """The column names of a CSV file's header line (RFC 4180 quoting), read without a sniffer."""
+    try:
+        with open_inflated(path) as stream:
+            line = stream.readline()
+    except (OSError, EOFError) as error:
+        raise SourceError(f"cannot read {path}: {error}") from None
+    text = line.decode("utf-8", errors="replace").removeprefix("\ufeff").rstrip("\r\n")
+    names = next(csv.reader([text]), [])
+    if not any(name.strip() for name in names):
+        raise SourceError(f"{path}: no header line (the first line must name the columns)")
+    return [name.strip() for name in names]
 
 
 def _columns(con: duckdb.DuckDBPyConnection, path: Path, required: tuple[str, ...]) -> list[str]:
     """The file's column names; a one-line error if a required one is missing."""
-    try:
-        columns = [row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {_reader_sql(path, None)}").fetchall()]
-    except duckdb.Error as error:
-        first_line = str(error).splitlines()[0]
-        raise SourceError(f"cannot read {path}: {first_line}") from None
+    if _is_parquet(path):
+        try:
+            columns = [row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {_reader_sql(path, None)}").fetchall()]
+        except duckdb.Error as error:
+            first_line = str(error).splitlines()[0]
+            raise SourceError(f"cannot read {path}: {first_line}") from None
+    else:
+        columns = _header(path)
     missing = [c for c in required if c not in columns]
     if missing:
         raise SourceError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(columns)})")
     return columns
 
 
-def _stage(con: duckdb.DuckDBPyConnection, path: Path, parse_sql: str, name: str) -> StagedRows:
+# A record DuckDB rejects as a quoting error that runs over several lines: an unbalanced
+# quote on its first line made the reader take the following lines as part of one quoted
+# field (to the next quote, or to the end of the file).
+_QUOTE_ERRORS = ("UNQUOTED VALUE", "UNTERMINATED QUOTES")
+MAX_QUOTE_REPAIRS = 50
+"""Re-reads of a CSV file with unbalanced quotes (each sets aside at least one line)
+before the file is refused as not RFC 4180."""
+
+
+def _stage(con: duckdb.DuckDBPyConnection, path: Path, parse_sql: str, name: str, columns: list[str], work: Path) -> StagedRows:
     if _is_parquet(path):
         rows_sql = f"SELECT file_row_number AS idx, * FROM {_reader_sql(path, None)}"
         return stage_rows(con, path, rows_sql, parse_sql, name, first_line=1, rejects=False)
+    broken: dict[int, str] = {}  # physical line -> its text, for lines with an unbalanced quote
+    source = path
+    for attempt in range(MAX_QUOTE_REPAIRS + 1):
+        table = name if attempt == 0 else f"{name}_r{attempt}"
+        staged = _stage_csv(con, source, parse_sql, table, columns)
+        runaway = con.execute(
+            f"""SELECT DISTINCT line_byte_position FROM {table}_errors
+                WHERE error_type IN {_QUOTE_ERRORS} AND position(chr(10) IN rtrim(csv_line, chr(13) || chr(10))) > 0
+                ORDER BY 1"""
+        ).fetchall()
+        if not runaway:
+            break
+        if attempt == MAX_QUOTE_REPAIRS:
+            first = min(broken)
+            raise SourceError(
+                f"{path}: more than {MAX_QUOTE_REPAIRS} lines with unbalanced quotes (the first on line {first}); "
+                "is it RFC 4180 CSV with '\"' quoting?"
+            )
+        broken |= _lines_at(source, [offset - 1 for (offset,) in runaway])  # DuckDB's byte positions are 1-based
+        source = work / f"{name}.repaired-{attempt + 1}.csv"
+        _write_without_lines(path, set(broken), source)
+    if not broken:
+        return staged
+    # The set-aside lines are blank in the copy that was read (so every line keeps its
+    # number): they count as rejected records, not as blank lines.
+    con.execute(f"CREATE TABLE main.{staged.name}_quote_breaks (line BIGINT, raw VARCHAR)")
+    con.executemany(
+        f"INSERT INTO main.{staged.name}_quote_breaks VALUES (?, left(?, {RAW_PREVIEW_CHARS}))", sorted(broken.items())
+    )
+    return dataclasses.replace(
+        staged,
+        source=path,
+        rejected=staged.rejected + len(broken),
+        skipped=staged.skipped - len(broken),
+        extra_rejects_sql=f"SELECT line, 'unbalanced_quote' AS reason, raw FROM main.{staged.name}_quote_breaks",
+    )
+
+
+def _stage_csv(con: duckdb.DuckDBPyConnection, path: Path, parse_sql: str, name: str, columns: list[str]) -> StagedRows:
     blank_lines = blank_lines_sql(con, path, f"{name}_lines")
-    rows_sql = f"SELECT row_number() OVER () - 1 AS idx, * FROM {_reader_sql(path, name)}"
+    rows_sql = f"SELECT row_number() OVER () - 1 AS idx, * FROM {_reader_sql(path, name, columns)}"
     return stage_rows(
         con,
         path,
@@ -118,6 +194,31 @@ def _stage(con: duckdb.DuckDBPyConnection, path: Path, parse_sql: str, name: str
         rejects=True,
         skipped_lines_sql=blank_lines,
     )
+
+
+def _lines_at(path: Path, offsets: list[int]) -> dict[int, str]:
+    """The (1-based) numbers and texts of the lines of ``path`` that start at these byte offsets."""
+    wanted, found, line, position = sorted(offsets), {}, 1, 0
+    with open_inflated(path) as stream:
+        for raw in stream:
+            while wanted and wanted[0] < position + len(raw):
+                if wanted.pop(0) >= position:
+                    found[line] = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            if not wanted:
+                break
+            position += len(raw)
+            line += 1
+    return found
+
+
+def _write_without_lines(path: Path, lines: set[int], out: Path) -> None:
+    """A plain-text copy of ``path`` with ``lines`` emptied (their line breaks kept)."""
+    with open_inflated(path) as stream, open(out, "wb") as copy:
+        for number, raw in enumerate(stream, 1):
+            if number in lines:
+                copy.write(b"\r\n" if raw.endswith(b"\r\n") else b"\n" if raw.endswith(b"\n") else b"")
+            else:
+                copy.write(raw)
 
 
 def _text(column: str) -> str:
@@ -212,8 +313,8 @@ def ingest_interactions_file(
     with tempfile.TemporaryDirectory(prefix="cdsr-interactions-", dir=temp_dir) as work:
         with closing(connect(Path(work) / "duckdb", memory_limit=memory_limit)) as con:
             con.execute("SET TimeZone = 'UTC'")  # ISO times without an offset are UTC
-            _columns(con, path, INTERACTION_COLUMNS)
-            staged = {"interactions": _stage(con, path, _INTERACTIONS_PARSE_SQL, "interactions")}
+            columns = _columns(con, path, INTERACTION_COLUMNS)
+            staged = {"interactions": _stage(con, path, _INTERACTIONS_PARSE_SQL, "interactions", columns, Path(work))}
             notes = []
             if items_path is not None:
                 columns = _columns(con, items_path, ITEM_COLUMNS)
@@ -221,7 +322,7 @@ def ingest_interactions_file(
                 if absent:
                     notes.append(f"items file has no {', '.join(absent)} column: none for any item")
                 parse = _items_parse_sql(columns, items_path.parent)
-                staged["items"] = _stage(con, items_path, parse, "items")
+                staged["items"] = _stage(con, items_path, parse, "items", columns, Path(work))
             else:
                 notes.append("no items file: items have no title, description or image")
             if domain_names is None:
@@ -311,6 +412,8 @@ def _assemble(
         raw = _INTERACTION_RAW if kind == "interactions" else _ITEM_RAW
         if rows.rejected:
             parts.append(f"{head}, line, reason, raw FROM {rows.rejects_sql('malformed_row')}")
+        if rows.extra_rejects_sql:
+            parts.append(f"{head}, line, reason, raw FROM ({rows.extra_rejects_sql})")
         bad = f"(SELECT idx, reason, {raw} AS raw FROM {rows.rows_sql()} WHERE reason IS NOT NULL)"
         parts.append(f"{head}, line, reason, raw FROM {rows.numbered(bad)}")
         duplicates, duplicate_reason = (

@@ -98,6 +98,7 @@ class StagedRows:
     rejected: int
     skipped: int  # blank lines the reader passed over
     first_line: int
+    extra_rejects_sql: str | None = None  # (line, reason, raw) of records a reader set aside before DuckDB read the file
 
     @property
     def lines(self) -> int:
@@ -205,6 +206,15 @@ def blank_lines_sql(con: duckdb.DuckDBPyConnection, source: Path, name: str) -> 
 # -- line dumps ----------------------------------------------------------------------
 
 
+def open_inflated(path: Path) -> BinaryIO:
+    """The file's bytes, inflated when it is gzip (by its magic bytes, as DuckDB's
+    ``compression = 'auto'`` reads it). igzip inflates outside the GIL, so two files
+    read in parallel use two cores."""
+    with open(path, "rb") as probe:
+        gzipped = probe.read(2) == _GZIP_MAGIC
+    return igzip.open(path, "rb") if gzipped else open(path, "rb")
+
+
 @dataclass(frozen=True)
 class LineReject:
     """A line that :class:`TextLines` could not hand over as text."""
@@ -271,10 +281,7 @@ class TextLines:
         )
 
     def _open(self) -> BinaryIO:
-        with open(self.path, "rb") as probe:
-            gzipped = probe.read(2) == _GZIP_MAGIC
-        # igzip inflates outside the GIL, so two files read in parallel use two cores
-        return igzip.open(self.path, "rb") if gzipped else open(self.path, "rb")
+        return open_inflated(self.path)
 
     def _batches(self) -> Iterator[pa.RecordBatch]:
         """Per chunk read, up to two batches: the line that began in an earlier chunk

@@ -82,6 +82,11 @@ class EncoderSpec:
         device: ``cuda``, ``cpu``, ... ; ``None`` picks CUDA when present, else CPU.
         batch_size: default batch size of ``encode_texts`` / ``encode_images``;
             ``None``: :data:`DEFAULT_BATCH_SIZE` (64).
+        precision: ``fp32`` (default) or ``bf16`` (autocast of the forward pass where
+            the device multiplies bf16 natively, else refused). Not ``auto`` by
+            default: the vectors feed the tag candidates of the LLM's prompts, so a
+            change of precision changes prompts and asks the LLM again. bf16 is part
+            of the identity (fp32's identity is as before precision existed).
     """
 
     backend: Backend = "open_clip"
@@ -89,6 +94,7 @@ class EncoderSpec:
     pretrained: str | None = None
     device: str | None = None
     batch_size: int | None = None
+    precision: str = "fp32"
 
     def resolved(self) -> EncoderSpec:
         """The same spec with every default filled in (what metadata should show)."""
@@ -118,8 +124,18 @@ class EncoderSpec:
             raise EncoderConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         device = self.device or default_device()
         batch_size = self.batch_size or DEFAULT_BATCH_SIZE
+        if self.precision not in ("fp32", "bf16"):
+            raise EncoderConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.precision == "bf16":
+            from cdsr_pipeline.hardware import resolve_precision
+
+            try:
+                resolve_precision("bf16", torch.device(device))
+            except ValueError as error:
+                raise EncoderConfigError(str(error)) from None
         return EncoderSpec(
-            backend=self.backend, model=model, pretrained=pretrained, device=device, batch_size=batch_size
+            backend=self.backend, model=model, pretrained=pretrained, device=device, batch_size=batch_size,
+            precision=self.precision,
         )
 
 
@@ -173,11 +189,16 @@ def folder_sha256(folder: Path) -> str:
 class _FrozenEncoder:
     """What every encoder shares: its identity, output dimension, device and batch size."""
 
-    def __init__(self, identity: dict[str, Any], device: str, batch_size: int):
-        self.identity = identity
+    def __init__(self, identity: dict[str, Any], device: str, batch_size: int, precision: str = "fp32"):
+        self.identity = identity if precision == "fp32" else {**identity, "precision": precision}
         self.dim = int(identity["dim"])
         self.device = device
         self.batch_size = batch_size
+        self.precision = precision
+
+    def _forward_context(self):
+        """No gradients; bf16 autocast when the encoder's precision is bf16 (the output is cast back to fp32)."""
+        return _ForwardContext(torch.device(self.device).type, self.precision == "bf16")
 
     @property
     def identity_hash(self) -> str:
@@ -186,6 +207,20 @@ class _FrozenEncoder:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.identity}, device={self.device!r})"
+
+
+class _ForwardContext:
+    def __init__(self, device_type: str, bf16: bool):
+        self._inference = torch.inference_mode()
+        self._autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16)
+
+    def __enter__(self) -> None:
+        self._inference.__enter__()
+        self._autocast.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._autocast.__exit__(*exc)
+        self._inference.__exit__(*exc)
 
 
 def length_batches(lengths: np.ndarray, max_rows: int) -> list[np.ndarray]:
@@ -218,9 +253,10 @@ class OpenClipTextEncoder(_FrozenEncoder):
     """
 
     def __init__(
-        self, model: torch.nn.Module, tokenizer: Any, identity: dict[str, Any], device: str, batch_size: int
+        self, model: torch.nn.Module, tokenizer: Any, identity: dict[str, Any], device: str, batch_size: int,
+        precision: str = "fp32",
     ):
-        super().__init__(identity, device, batch_size)
+        super().__init__(identity, device, batch_size, precision)
         self.model = model
         self.tokenizer = tokenizer
         self.trims_padding = _trimmable_clip_text(model)
@@ -236,7 +272,7 @@ class OpenClipTextEncoder(_FrozenEncoder):
             passes = length_batches(ends.numpy() + 1, step)
         else:
             passes = [np.arange(start, min(start + step, len(texts))) for start in range(0, len(texts), step)]
-        with torch.inference_mode():
+        with self._forward_context():
             for rows in passes:
                 batch = tokens[torch.from_numpy(rows)].to(self.device)
                 if self.trims_padding:
@@ -285,16 +321,17 @@ class OpenClipImageEncoder(_FrozenEncoder):
     """CLIP image tower with the model's own eval preprocessing (RGB, resize, crop, normalize)."""
 
     def __init__(
-        self, model: torch.nn.Module, preprocess: Any, identity: dict[str, Any], device: str, batch_size: int
+        self, model: torch.nn.Module, preprocess: Any, identity: dict[str, Any], device: str, batch_size: int,
+        precision: str = "fp32",
     ):
-        super().__init__(identity, device, batch_size)
+        super().__init__(identity, device, batch_size, precision)
         self.model = model
         self.preprocess = preprocess
 
     def encode_images(self, images: Sequence[Image.Image], batch_size: int | None = None) -> np.ndarray:
         step = batch_size or self.batch_size
         out = np.empty((len(images), self.dim), dtype=np.float32)
-        with torch.inference_mode():
+        with self._forward_context():
             for start in range(0, len(images), step):
                 pixels = torch.stack([self.preprocess(img) for img in images[start : start + step]])
                 vectors = self.model.encode_image(pixels.to(self.device), normalize=True)
@@ -311,8 +348,8 @@ class SentenceTransformerTextEncoder(_FrozenEncoder):
     titles. Same vectors (padding is masked; tested against ``encode``).
     """
 
-    def __init__(self, model: Any, identity: dict[str, Any], device: str, batch_size: int):
-        super().__init__(identity, device, batch_size)
+    def __init__(self, model: Any, identity: dict[str, Any], device: str, batch_size: int, precision: str = "fp32"):
+        super().__init__(identity, device, batch_size, precision)
         self.model = model
 
     def encode_texts(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
@@ -322,7 +359,7 @@ class SentenceTransformerTextEncoder(_FrozenEncoder):
         if not texts:
             return out
         texts = list(texts)
-        with torch.inference_mode():
+        with self._forward_context():
             for rows in length_batches(self._token_counts(texts), batch_size or self.batch_size):
                 features = batch_to_device(self.model.preprocess([texts[i] for i in rows]), self.device)
                 vectors = self.model(features)["sentence_embedding"]
@@ -345,7 +382,7 @@ def load_text_encoder(spec: EncoderSpec) -> TextEncoder:
     model, _preprocess, identity = _load_open_clip(spec, "text")
     tokenizer = open_clip.get_tokenizer(spec.model)
     identity["max_tokens"] = int(tokenizer.context_length)
-    return OpenClipTextEncoder(model, tokenizer, identity, spec.device, spec.batch_size)
+    return OpenClipTextEncoder(model, tokenizer, identity, spec.device, spec.batch_size, spec.precision)
 
 
 def load_image_encoder(spec: EncoderSpec) -> ImageEncoder:
@@ -357,7 +394,7 @@ def load_image_encoder(spec: EncoderSpec) -> ImageEncoder:
         )
     model, preprocess, identity = _load_open_clip(spec, "image")
     identity["image_size"] = list(_as_pair(model.visual.image_size))
-    return OpenClipImageEncoder(model, preprocess, identity, spec.device, spec.batch_size)
+    return OpenClipImageEncoder(model, preprocess, identity, spec.device, spec.batch_size, spec.precision)
 
 
 def _load_open_clip(spec: EncoderSpec, modality: str) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
@@ -425,7 +462,7 @@ def _load_sentence_transformer(spec: EncoderSpec) -> SentenceTransformerTextEnco
         "dim": int(model.get_embedding_dimension()),
         "max_tokens": int(model.max_seq_length),
     }
-    return SentenceTransformerTextEncoder(model, identity, spec.device, spec.batch_size)
+    return SentenceTransformerTextEncoder(model, identity, spec.device, spec.batch_size, spec.precision)
 
 
 def _freeze(model: torch.nn.Module) -> None:

@@ -18,6 +18,7 @@ DuckDB allows one writing process per file; a second run gets :class:`CallLogLoc
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -477,12 +478,33 @@ def recomputed_key(row: Mapping[str, Any]) -> str:
     )
 
 
-def export_calls(call_log: CallLog, path: str | os.PathLike[str], stage: str | None = None) -> tuple[int, int]:
-    """Write the recorded calls (of one stage, by its short name in :data:`STAGES`, or all) to a zstd parquet file.
+DEFAULT_EXPORT_PART_BYTES = 4 * 1024 * 1024
+"""Largest export file ``cdsr llm-log export`` writes by default (4 MiB): larger exports
+are split into parts (``NAME.part01.parquet``, ...) that fit repositories' file limits."""
 
-    Returns (rows written, rows left out): calls recorded before the log kept prompt
+
+def export_part_paths(path: str | os.PathLike[str]) -> list[Path]:
+    """The files an export to ``path`` consists of now: ``path`` itself, or its parts."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    return sorted(path.parent.glob(f"{glob.escape(path.stem)}.part[0-9][0-9].parquet"))
+
+
+def export_calls(
+    call_log: CallLog,
+    path: str | os.PathLike[str],
+    stage: str | None = None,
+    max_file_bytes: int | None = DEFAULT_EXPORT_PART_BYTES,
+) -> tuple[int, int, list[Path]]:
+    """Write the recorded calls (of one stage, by its short name in :data:`STAGES`, or all) to zstd parquet.
+
+    One file at ``path`` when it stays within ``max_file_bytes`` (None: no limit), else
+    the fewest parts ``<stem>.partNN.parquet`` beside it (consecutive row ranges) that
+    each do; files of an earlier export to the same path are replaced. Returns (rows
+    written, rows left out, files written): calls recorded before the log kept prompt
     prefixes cannot be verified on import and are not exported. Rows are ordered by
-    stage, item and key, so the same log gives the same file.
+    stage, item and key, so the same log gives the same files.
     """
     from cdsr_pipeline.storage import write_parquet_atomic
 
@@ -498,10 +520,27 @@ def export_calls(call_log: CallLog, path: str | os.PathLike[str], stage: str | N
     ).to_arrow_table()
     unexported = call_log._con.execute(
         f"SELECT count(*) FROM {_TABLE} c WHERE c.prefix_hash IS NULL AND (? IS NULL OR c.stage = ?)", [stage, stage]
-    ).fetchone()[0]
+    ).fetchall()[0][0]  # fetchall: a half-read result would block the connection's next query
     table = table.cast(EXPORT_SCHEMA)
-    write_parquet_atomic(table, Path(path), compression_level=19)  # files meant to be committed and shared
-    return table.num_rows, unexported
+    path = Path(path)
+    earlier = set(export_part_paths(path))
+    parts, names = 1, [path]
+    while True:  # the fewest equal row ranges whose files all fit (a compressed size is known once written)
+        rows = -(-table.num_rows // parts) if table.num_rows else 0
+        names = [path] if parts == 1 else [path.with_name(f"{path.stem}.part{i:02d}.parquet") for i in range(1, parts + 1)]
+        sizes = []
+        for index, name in enumerate(names):
+            write_parquet_atomic(table.slice(index * rows, rows), name, compression_level=19)  # files meant to be committed
+            sizes.append(name.stat().st_size)
+            earlier.add(name)
+        if max_file_bytes is None or max(sizes) <= max_file_bytes:
+            break
+        parts = max(parts + 1, -(-sum(sizes) // max_file_bytes))
+        if parts > 99:
+            raise CallExportError(f"{path}: the export needs more than 99 parts of at most {max_file_bytes:,} bytes")
+    for name in earlier - set(names):
+        name.unlink(missing_ok=True)
+    return table.num_rows, unexported, names
 
 
 def read_call_export(path: str | os.PathLike[str]) -> pa.Table:

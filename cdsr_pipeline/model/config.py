@@ -50,6 +50,8 @@ Encoder = Literal["attention", "gru"]
 Scoring = Literal["cosine", "dot"]
 SequenceWeighting = Literal["target_relative", "as_written"]
 Protocol = Literal["sampled", "full"]
+Precision = Literal["auto", "fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,12 @@ class TrainConfig:
         eval_batch_size: evaluation rows per forward pass.
         device: ``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda[:n]``.
         num_threads: CPU threads for torch (None: all cores of this machine).
+        precision: arithmetic of the training step's matrix products. ``bf16``:
+            autocast to bfloat16 (weights, optimizer state, softmax normalisers, the
+            loss and every evaluation stay fp32); ``fp32``; ``auto`` (default): bf16
+            where the device has fast bf16 arithmetic (CUDA with bf16, CPUs with
+            AVX-512 BF16 or AMX), fp32 elsewhere. The precision used is part of the
+            run's identity (:func:`cdsr_pipeline.model.trainer.resolve_precision`).
         progress: tqdm progress bars.
     """
 
@@ -174,6 +182,7 @@ class TrainConfig:
     eval_batch_size: int = 256
     device: str = "auto"
     num_threads: int | None = None
+    precision: Precision = "auto"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -187,6 +196,8 @@ class TrainConfig:
             )
         if self.num_negatives < 1:
             raise ValueError("num_negatives must be >= 1")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     @property
     def label(self) -> str:
@@ -197,10 +208,13 @@ class TrainConfig:
 
         ``epochs`` and ``patience`` (a resumed run may be extended: the epochs it ran
         are those of any run with larger limits), ``device``, ``num_threads``,
-        ``progress``, ``name`` and ``ablation_group`` are left out.
+        ``progress``, ``name`` and ``ablation_group`` are left out, and so is
+        ``precision``: ``auto`` means different arithmetic on different devices, so
+        the trainer adds the precision it resolved to (bf16 only, which keeps the
+        identity of every fp32 run from before precision was configurable).
         """
         fields = config_to_dict(self)
-        for key in ("epochs", "patience", "device", "num_threads", "progress", "name", "ablation_group"):
+        for key in ("epochs", "patience", "device", "num_threads", "precision", "progress", "name", "ablation_group"):
             fields.pop(key)
         return stable_hash(fields)
 
@@ -208,7 +222,7 @@ class TrainConfig:
         """The identity of runs trained before ``patience`` became extendable (it was
         part of it): such run folders and checkpoints are still found and resumed."""
         fields = config_to_dict(self)
-        for key in ("epochs", "device", "num_threads", "progress", "name", "ablation_group"):
+        for key in ("epochs", "device", "num_threads", "precision", "progress", "name", "ablation_group"):
             fields.pop(key)
         return stable_hash(fields)
 
@@ -239,6 +253,9 @@ PRESETS: dict[str, ModelConfig] = {
     "llm_emf_title": ModelConfig(modalities=("id", "img", "tex")),
     # TEMA-LLM: LLM-EMF + LLM-matched tag tower.
     "tema_llm": ModelConfig(modalities=("id", "img", "tex", "llm", "tag")),
+    # TEMA-LLM without the LLM-enhanced text: llm_emf_title + the tag tower, so the
+    # tags' contribution is measurable before the augmentation exists.
+    "tema_llm_title": ModelConfig(modalities=("id", "img", "tex", "tag")),
     # TEMA-LLM with Eq. 9: one MLP-fused item embedding instead of separate towers.
     "tema_llm_fused": ModelConfig(modalities=("id", "img", "tex", "llm", "tag"), fusion="early"),
     "sasrec": ModelConfig(

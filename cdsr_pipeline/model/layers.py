@@ -49,31 +49,52 @@ def _needs_shift(max_logit: float | None, num_candidates: int) -> bool:
     return max_logit is None or max_logit + math.log(max(1, num_candidates)) > EXP_SAFE
 
 
+def _product_dtype(queries: torch.Tensor) -> torch.dtype:
+    """bf16 under CPU bf16 autocast (the trainer's ``precision: bf16``), else the queries' dtype."""
+    if queries.device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+        return torch.bfloat16
+    return queries.dtype
+
+
+def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Sums, normalisers and gradients: fp32 for bf16 products."""
+    return torch.float32 if dtype == torch.bfloat16 else dtype
+
+
 class _ChunkedLogSumExp(torch.autograd.Function):
-    # fp32 throughout, also under CUDA autocast: the normaliser of a ~30k-way softmax
-    # with logits up to 1/tau loses too much in bf16, and on a GPU this is not the
-    # bottleneck.
+    # On CUDA fp32 throughout, also under autocast: on a GPU this is not the bottleneck.
+    # On CPU under bf16 autocast the logits' matrix products run in bf16 (2-3x the fp32
+    # rate with AVX-512 BF16) and the kept exp(logits) are bf16 (half the memory
+    # traffic of the elementwise passes). Sums accumulate in fp32 (torch reduces bf16 in
+    # fp32) and are rounded to bf16 once: at most 2^-8 relative, 0.004 in log space (an
+    # fp32-output reduction of bf16 runs 8x slower here). The normaliser is returned,
+    # and subtracted in backward, in fp32: a bf16 log normaliser of a ~30k-way softmax
+    # (about 20) would be off by up to 1/16.
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, queries: torch.Tensor, candidates: torch.Tensor, max_logit: float | None) -> torch.Tensor:
-        if keeps_logits(queries.shape[0], candidates.shape[0], queries.device):
-            return _ChunkedLogSumExp._forward_stored(ctx, queries, candidates, max_logit)
-        ctx.stored = False
-        rows = _chunk_rows(queries, candidates)
-        out = torch.empty(queries.shape[0], dtype=queries.dtype, device=queries.device)
-        cand_t = candidates.t()
-        for start in range(0, queries.shape[0], rows):
-            block = queries[start : start + rows]
-            if max_logit is None:
-                logits = block @ cand_t
-                shift = logits.amax(dim=1, keepdim=True)
-                logits.sub_(shift)
-            else:  # a known bound replaces the max pass (cosine scores: 1/tau)
-                shift = queries.new_full((1, 1), max_logit)
-                logits = torch.addmm(-shift, block, cand_t)
-            out[start : start + rows] = logits.exp_().sum(dim=1).log_().add_(shift.squeeze(1))
-        ctx.save_for_backward(queries, candidates, out)
-        return out
+        dtype = _product_dtype(queries)
+        ctx.input_dtypes = (queries.dtype, candidates.dtype)
+        with torch.autocast(queries.device.type, enabled=False):
+            queries, candidates = queries.to(dtype), candidates.to(dtype)
+            if keeps_logits(queries.shape[0], candidates.shape[0], queries.device):
+                return _ChunkedLogSumExp._forward_stored(ctx, queries, candidates, max_logit)
+            ctx.stored = False
+            rows = _chunk_rows(queries, candidates)
+            out = torch.empty(queries.shape[0], dtype=_sum_dtype(dtype), device=queries.device)
+            cand_t = candidates.t()
+            for start in range(0, queries.shape[0], rows):
+                block = queries[start : start + rows]
+                if max_logit is None:
+                    logits = block @ cand_t
+                    shift = logits.amax(dim=1, keepdim=True)
+                    logits.sub_(shift)
+                else:  # a known bound replaces the max pass (cosine scores: 1/tau)
+                    shift = queries.new_full((1, 1), max_logit)
+                    logits = torch.addmm(-shift, block, cand_t)
+                out[start : start + rows] = logits.exp_().sum(dim=1).to(out.dtype).log_().add_(shift.squeeze(1).to(out.dtype))
+            ctx.save_for_backward(queries, candidates, out)
+            return out
 
     @staticmethod
     def _forward_stored(ctx, queries: torch.Tensor, candidates: torch.Tensor, max_logit: float | None) -> torch.Tensor:
@@ -90,36 +111,47 @@ class _ChunkedLogSumExp(torch.autograd.Function):
             exp_logits_t.sub_(shift)
         else:  # bounded logits (cosine): exp() cannot overflow, and a shift would cost a pass
             shift = exp_logits_t.new_zeros((1,))
-        sums = exp_logits_t.exp_().sum(dim=0)
+        sums = exp_logits_t.exp_().sum(dim=0).to(_sum_dtype(exp_logits_t.dtype))
         ctx.save_for_backward(queries, candidates, exp_logits_t, sums)
-        return sums.log().add_(shift)
+        return sums.log().add_(shift.to(sums.dtype))
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad: torch.Tensor):
+        query_dtype, candidate_dtype = ctx.input_dtypes
         if ctx.stored:
             queries, candidates, exp_logits_t, sums = ctx.saved_tensors
             # softmax * upstream gradient, formed in place on the kept exp(logits) (a
             # second backward through the same graph fails on autograd's version check)
-            weights_t = exp_logits_t.mul_(grad / sums)
+            weights_t = exp_logits_t.mul_((grad / sums).to(exp_logits_t.dtype))
             grad_q = weights_t.t() @ candidates if ctx.needs_input_grad[0] else None
             grad_c = weights_t @ queries if ctx.needs_input_grad[1] else None
-            return grad_q, grad_c, None
+            return _as(grad_q, query_dtype), _as(grad_c, candidate_dtype), None
         queries, candidates, lse = ctx.saved_tensors
         rows = _chunk_rows(queries, candidates)
-        grad_q = torch.empty_like(queries) if ctx.needs_input_grad[0] else None
-        grad_c = torch.zeros_like(candidates) if ctx.needs_input_grad[1] else None
+        grad_q = queries.new_empty(queries.shape, dtype=lse.dtype) if ctx.needs_input_grad[0] else None
+        grad_c = candidates.new_zeros(candidates.shape, dtype=lse.dtype) if ctx.needs_input_grad[1] else None
         cand_t = candidates.t()
         for start in range(0, queries.shape[0], rows):
             block = queries[start : start + rows]
-            # softmax(logits) * upstream gradient, formed in place on recomputed logits
-            weights = torch.addmm(-lse[start : start + rows, None], block, cand_t).exp_()
-            weights.mul_(grad[start : start + rows, None])
+            # softmax(logits) * upstream gradient, formed in place on recomputed logits;
+            # the normaliser is subtracted in fp32 (in bf16 it would be off by up to 1/16)
+            if block.dtype == lse.dtype:
+                weights = torch.addmm(-lse[start : start + rows, None], block, cand_t).exp_()
+            else:
+                weights = (block @ cand_t).to(lse.dtype).sub_(lse[start : start + rows, None]).exp_()
+            weights = weights.mul_(grad[start : start + rows, None]).to(block.dtype)
             if grad_q is not None:
                 grad_q[start : start + rows] = weights @ candidates
-            if grad_c is not None:
+            if grad_c is not None and block.dtype == lse.dtype:
                 grad_c.addmm_(weights.t(), block)
-        return grad_q, grad_c, None
+            elif grad_c is not None:
+                grad_c.add_(weights.t() @ block)
+        return _as(grad_q, query_dtype), _as(grad_c, candidate_dtype), None
+
+
+def _as(grad: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if grad is None else grad.to(dtype)
 
 
 def chunked_logsumexp(queries: torch.Tensor, candidates: torch.Tensor, max_logit: float | None = None) -> torch.Tensor:

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from ..llm.tag_matrix import REPRESENTATIONS, SELECTIONS, STATIC_VARIANT, variant_name
 from .config import ABLATIONS, PRESETS, ModelConfig
 
-MODELS = ("tema_llm", "llm_emf", "llm_emf_title", "tema_llm_fused", "sasrec", "gru4rec", "popularity")
+MODELS = ("tema_llm", "llm_emf", "llm_emf_title", "tema_llm_title", "tema_llm_fused", "sasrec", "gru4rec", "popularity")
 MODEL_NAMES = {
     "tema_llm": "TEMA-LLM",
     "llm_emf": "LLM-EMF",
     "llm_emf_title": "LLM-EMF (title text only)",
+    "tema_llm_title": "TEMA-LLM (title text only)",
     "tema_llm_fused": "TEMA-LLM (Eq. 9 fused)",
     "sasrec": "SASRec",
     "gru4rec": "GRU4Rec",

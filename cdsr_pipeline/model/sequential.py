@@ -296,7 +296,8 @@ class SequentialRecommender(Recommender):
         if full:
             log_probs = torch.log_softmax((queries @ candidates.t()).float(), dim=-1)[index]
             return log_probs.masked_fill(empty[..., None], uniform)
-        target_logits = (queries[index] * candidates[examples.targets]).sum(-1).float()
+        # fp32 also under bf16 autocast: the target logit is subtracted from an fp32 normaliser
+        target_logits = (queries[index].float() * candidates[examples.targets].float()).sum(-1)
         size = candidates.shape[0]
         negatives = self.config.loss_negatives
         if negatives is None or negatives >= size:

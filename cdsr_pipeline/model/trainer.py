@@ -20,8 +20,11 @@ exactly what an uninterrupted run draws and no RNG state needs to be checkpointe
 Checkpoints hold only tensors and plain Python values and are loaded with
 ``torch.load(..., weights_only=True)``.
 
-Device: CUDA when present (bf16 autocast in training, fp32 evaluation), else CPU
-with ``num_threads`` threads (torch's default, one per core, when None).
+Device: CUDA when present, else CPU with ``num_threads`` threads (torch's default,
+one per core, when None). Precision (:func:`resolve_precision`): the training step's
+matrix products in bf16 autocast where the device has fast bf16 arithmetic (CUDA with
+bf16; CPUs with AVX-512 BF16 or AMX), fp32 elsewhere or when told; weights, Adam's
+state, the softmax normalisers, the loss and every evaluation stay fp32.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.sequences import DOMAINS_FILE, split_file
+from ..hardware import resolve_precision
 from ..storage import atomic_write_text, sha256_file, stable_hash, write_parquet_atomic
 from .base import Recommender
 from .build import build_model
@@ -116,6 +120,23 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def run_precision(config: TrainConfig) -> str:
+    """The precision a run trains in: :func:`resolve_precision` on its device; fp32 for
+    a model without trained weights (popularity), whose arithmetic it does not change."""
+    if config.model.architecture != "sequential":
+        return "fp32"
+    return resolve_precision(config.precision, resolve_device(config.device))
+
+
+def run_identity(config: TrainConfig, precision: str) -> str:
+    """The part of a run's identity that its config gives: :meth:`TrainConfig.identity_hash`,
+    with the resolved precision when it is not fp32 (fp32 runs keep the identity they
+    had before precision was configurable)."""
+    if precision == "fp32":
+        return config.identity_hash()
+    return stable_hash({"config": config.identity_hash(), "precision": precision})
 
 
 # glibc mallopt parameters (malloc.h)
@@ -233,10 +254,11 @@ def train_model(sequences_dir: Path, features: FeatureInputs, config: TrainConfi
         keep_freed_memory_for_reuse()
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
+    precision = run_precision(config)
     data = _load_run_data(sequences_dir, config)
     model = _build(config, sequences_dir, features, data.domains).to(device)
     digest = inputs_digest(sequences_dir, features)  # hashes every input file: once per run
-    identity = stable_hash({"config": config.identity_hash(), "inputs": digest})
+    identity = stable_hash({"config": run_identity(config, precision), "inputs": digest})
     atomic_write_text(
         out_dir / CONFIG_FILE,
         json.dumps(
@@ -247,6 +269,7 @@ def train_model(sequences_dir: Path, features: FeatureInputs, config: TrainConfi
                 "model_summary": model.summary,
                 "notes": model.notes,
                 "sequences_dir": str(sequences_dir),
+                "precision": precision,
             },
             indent=2,
         ),
@@ -262,7 +285,7 @@ def train_model(sequences_dir: Path, features: FeatureInputs, config: TrainConfi
     if last_path.is_file():
         checkpoint = load_checkpoint(last_path)
         legacy = stable_hash({"config": config.legacy_identity_hash(), "inputs": digest})
-        if checkpoint.get("identity") == legacy:
+        if precision == "fp32" and checkpoint.get("identity") == legacy:
             identity = legacy  # a run from before patience left the identity: keep its checkpoints consistent
         if checkpoint.get("identity") != identity:
             raise ValueError(f"{out_dir} holds a run of a different configuration or inputs; use a fresh folder")
@@ -281,7 +304,9 @@ def train_model(sequences_dir: Path, features: FeatureInputs, config: TrainConfi
             break
         started = time.perf_counter()
         loss, examples = (
-            _train_epoch(model, optimizer, data, config, epoch, device) if model.trainable else (math.nan, 0)
+            _train_epoch(model, optimizer, data, config, epoch, device, precision)
+            if model.trainable
+            else (math.nan, 0)
         )
         trained = time.perf_counter()
         row: dict[str, Any] = {"epoch": epoch, "train_loss": loss, "train_examples": examples}
@@ -334,6 +359,7 @@ def train_model(sequences_dir: Path, features: FeatureInputs, config: TrainConfi
         notes=model.notes,
         features=features.to_dict(),
         device=str(device),
+        precision=precision,
         threads=torch.get_num_threads() if device.type == "cpu" else None,
         hardware=hardware_summary(device),
         data={
@@ -405,6 +431,7 @@ def _train_epoch(
     config: TrainConfig,
     epoch: int,
     device: torch.device,
+    precision: str,
 ) -> tuple[float, int]:
     """One pass over the training rows; returns (mean loss per example, examples)."""
     model.train()
@@ -417,7 +444,7 @@ def _train_epoch(
     )
     for rows in progress:
         batch = make_batch(data.train, rows, data.domains, model.views).to(device)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = model.calculate_loss(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

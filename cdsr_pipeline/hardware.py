@@ -1,0 +1,34 @@
+"""What the machine's arithmetic can do: the precision a stage runs in.
+
+bf16 is used where the device multiplies it natively (CUDA with bf16; CPUs with
+AVX-512 BF16 or AMX); elsewhere torch emulates bf16 products, slower than fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+_FAST_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX, from
+    /proc/cpuinfo). Without them torch emulates bf16 products, slower than fp32."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return any(flag in line.split() for flag in _FAST_BF16_CPU_FLAGS)
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``fp32`` or ``bf16``: what ``precision`` (``auto``/``fp32``/``bf16``) means on ``device``."""
+    if precision == "fp32":
+        return "fp32"
+    fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and cpu_has_fast_bf16()
+    if precision == "bf16" and not fast:
+        raise ValueError(f"precision bf16: {device} has no native bf16 arithmetic (use precision auto or fp32)")
+    return "bf16" if fast else "fp32"
