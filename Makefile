@@ -7,7 +7,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 export DAGSTER_HOME := $(abspath storage/dagster)
 
-.PHONY: run test setup
+.PHONY: run test setup browser
 
 setup: $(STAMP)
 
@@ -23,3 +23,9 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest
+
+# Debian's Chromium and ChromeDriver for the browser tests (tests/test_browser.py skips
+# without them); as root, from Debian's packages (nothing downloads a browser build).
+browser:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
