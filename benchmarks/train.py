@@ -34,7 +34,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import resource
 import sys
 import time
@@ -61,7 +60,7 @@ from cdsr_pipeline.model.data import (
 )
 from cdsr_pipeline.model.evaluate import EvaluationSplit, evaluate
 from cdsr_pipeline.model.layers import keeps_logits
-from cdsr_pipeline.hardware import resolve_precision
+from cdsr_pipeline.hardware import cpu_model, resolve_precision
 from cdsr_pipeline.model.trainer import keep_freed_memory_for_reuse, resolve_device
 from cdsr_pipeline.storage import write_parquet_atomic
 
@@ -282,16 +281,6 @@ def _child(model_name: str, sequences: Path, features: FeatureInputs, args: argp
     return asdict(measure(model_name, sequences, features, args))
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--release", type=Path, default=RELEASE, help="LLMCDSR Food-Kitchen release folder")
@@ -327,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         f"999 sampled negatives + full ranking in evaluation"
     )
     print(
-        f"machine: {_cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"machine: {cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"CUDA {'available: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}, "
         f"load average at start {os.getloadavg()[0]:.2f}"
     )

@@ -7,6 +7,8 @@ AVX-512 BF16 or AMX); elsewhere torch emulates bf16 products, slower than fp32.
 from __future__ import annotations
 
 import contextlib
+import functools
+import platform
 from pathlib import Path
 
 import torch
@@ -14,14 +16,27 @@ import torch
 _FAST_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
+@functools.cache
+def _cpuinfo(field: str) -> str | None:
+    """The value of ``field`` for the first CPU in /proc/cpuinfo (None where there is none)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() == field:
+                return value.strip()
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo, else what the platform module says)."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine() or "unknown"
+
+
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX, from
     /proc/cpuinfo). Without them torch emulates bf16 products, slower than fp32."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return any(flag in line.split() for flag in _FAST_BF16_CPU_FLAGS)
-    return False
+    flags = (_cpuinfo("flags") or "").split()
+    return any(flag in flags for flag in _FAST_BF16_CPU_FLAGS)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -102,18 +102,25 @@ _FILE_MODE = 0o666 & ~_umask()
 an artifact (or an export meant to be shared) would otherwise be readable by its owner only."""
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
-    target = Path(path)
+def temp_file_beside(target: Path) -> tuple[int, str]:
+    """A new hidden temporary file in ``target``'s folder (made if missing), open, with the
+    mode a plain ``open()`` would give ``target``: what every atomic writer renames
+    into place. Returns (file descriptor, path)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.fchmod(fd, _FILE_MODE)
+    return fd, tmp
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
+    fd, tmp = temp_file_beside(Path(path))
     try:
-        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, target)
+        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -127,9 +134,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 def write_parquet_atomic(table: pa.Table, path: str | os.PathLike[str], **kwargs: Any) -> None:
     """``pyarrow.parquet.write_table`` through a temporary file and ``os.replace``."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.fchmod(fd, _FILE_MODE)
+    fd, tmp = temp_file_beside(target)
     os.close(fd)
     try:
         pq.write_table(table, tmp, compression=kwargs.pop("compression", "zstd"), **kwargs)

@@ -56,5 +56,10 @@ def test_atomic_writes_give_files_the_mode_a_plain_open_would(tmp_path: Path) ->
     expected = plain.stat().st_mode & 0o777
     atomic_write_text(tmp_path / "a.json", "{}")
     write_parquet_atomic(pa.table({"n": [1]}), tmp_path / "a.parquet")
-    assert (tmp_path / "a.json").stat().st_mode & 0o777 == expected
-    assert (tmp_path / "a.parquet").stat().st_mode & 0o777 == expected
+    with QueryParquetFile(SCHEMA, tmp_path / "q.parquet") as out:
+        out.write(duckdb.connect(), "SELECT 'a' AS name")
+    from cdsr_pipeline.model.trainer import _save_atomic
+
+    _save_atomic({"n": 1}, tmp_path / "checkpoint.pt")
+    for name in ("a.json", "a.parquet", "q.parquet", "checkpoint.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected, name

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from ..storage import temp_file_beside
 
 INTERACTIONS_FILE = "interactions.parquet"
 ITEMS_FILE = "items.parquet"
@@ -131,8 +132,7 @@ class QueryParquetFile:
         self._writer: pq.ParquetWriter | None = None
 
     def __enter__(self) -> QueryParquetFile:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.target.name}.", suffix=".tmp", dir=self.target.parent)
+        fd, self._tmp = temp_file_beside(self.target)
         os.close(fd)
         self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
         return self

@@ -84,19 +84,18 @@ def _is_parquet(path: Path) -> bool:
     raise SourceError(f"unknown format (expected .csv, .csv.gz or .parquet): {path}")
 
 
-def _reader_sql(path: Path, rejects: str | None, columns: list[str] | None = None) -> str:
-    """The DuckDB table function reading ``path`` (CSV rejects stored under ``rejects``, or skipped).
+def _parquet_sql(path: Path) -> str:
+    return f"read_parquet({sql_str(path)}, file_row_number = true)"
 
-    CSV with ``columns`` (the header's names): read as given, every column text, with no
-    sniffing: a sniffer fails the whole file on one line of broken quoting.
-    """
-    if _is_parquet(path):
-        return f"read_parquet({sql_str(path)}, file_row_number = true)"
-    types = "{" + ", ".join(f"{sql_str(c)}: 'VARCHAR'" for c in columns) + "}" if columns else None
-    layout = f"auto_detect = false, columns = {types}" if types else "all_varchar = true"
+
+def _csv_sql(path: Path, rejects: str, columns: list[str]) -> str:
+    """DuckDB's reader of the CSV file ``path`` with the header's ``columns``, every one
+    text, rejects stored under ``rejects``. No sniffing: a sniffer fails the whole file on
+    one line of broken quoting."""
+    types = "{" + ", ".join(f"{sql_str(c)}: 'VARCHAR'" for c in columns) + "}"
     return (
         f"read_csv({sql_str(path)}, header = true, delim = ',', quote = '\"', escape = '\"', "
-        f"{layout}, compression = 'auto', {rejects_options(rejects)})"
+        f"auto_detect = false, columns = {types}, compression = 'auto', {rejects_options(rejects)})"
     )
 
 
@@ -118,7 +117,7 @@ def _columns(con: duckdb.DuckDBPyConnection, path: Path, required: tuple[str, ..
     """The file's column names; a one-line error if a required one is missing."""
     if _is_parquet(path):
         try:
-            columns = [row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {_reader_sql(path, None)}").fetchall()]
+            columns = [row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {_parquet_sql(path)}").fetchall()]
         except duckdb.Error as error:
             first_line = str(error).splitlines()[0]
             raise SourceError(f"cannot read {path}: {first_line}") from None
@@ -141,7 +140,7 @@ before the file is refused as not RFC 4180."""
 
 def _stage(con: duckdb.DuckDBPyConnection, path: Path, parse_sql: str, name: str, columns: list[str], work: Path) -> StagedRows:
     if _is_parquet(path):
-        rows_sql = f"SELECT file_row_number AS idx, * FROM {_reader_sql(path, None)}"
+        rows_sql = f"SELECT file_row_number AS idx, * FROM {_parquet_sql(path)}"
         return stage_rows(con, path, rows_sql, parse_sql, name, first_line=1, rejects=False)
     broken: dict[int, str] = {}  # physical line -> its text, for lines with an unbalanced quote
     source = path
@@ -155,6 +154,7 @@ def _stage(con: duckdb.DuckDBPyConnection, path: Path, parse_sql: str, name: str
         ).fetchall()
         if not runaway:
             break
+        con.execute(f"DROP TABLE main.{table}_rows")  # an attempt's rows are superseded by the next read's
         if attempt == MAX_QUOTE_REPAIRS:
             first = min(broken)
             raise SourceError(
@@ -183,7 +183,7 @@ def _stage(con: duckdb.DuckDBPyConnection, path: Path, parse_sql: str, name: str
 
 def _stage_csv(con: duckdb.DuckDBPyConnection, path: Path, parse_sql: str, name: str, columns: list[str]) -> StagedRows:
     blank_lines = blank_lines_sql(con, path, f"{name}_lines")
-    rows_sql = f"SELECT row_number() OVER () - 1 AS idx, * FROM {_reader_sql(path, name, columns)}"
+    rows_sql = f"SELECT row_number() OVER () - 1 AS idx, * FROM {_csv_sql(path, name, columns)}"
     return stage_rows(
         con,
         path,

@@ -34,9 +34,10 @@ The limit is part of the identity (``max_tokens``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -196,9 +197,12 @@ class _FrozenEncoder:
         self.batch_size = batch_size
         self.precision = precision
 
-    def _forward_context(self):
+    @contextlib.contextmanager
+    def _forward_context(self) -> Iterator[None]:
         """No gradients; bf16 autocast when the encoder's precision is bf16 (the output is cast back to fp32)."""
-        return _ForwardContext(torch.device(self.device).type, self.precision == "bf16")
+        bf16 = self.precision == "bf16"
+        with torch.inference_mode(), torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=bf16):
+            yield
 
     @property
     def identity_hash(self) -> str:
@@ -207,20 +211,6 @@ class _FrozenEncoder:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.identity}, device={self.device!r})"
-
-
-class _ForwardContext:
-    def __init__(self, device_type: str, bf16: bool):
-        self._inference = torch.inference_mode()
-        self._autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16)
-
-    def __enter__(self) -> None:
-        self._inference.__enter__()
-        self._autocast.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        self._autocast.__exit__(*exc)
-        self._inference.__exit__(*exc)
 
 
 def length_batches(lengths: np.ndarray, max_rows: int) -> list[np.ndarray]:

@@ -524,7 +524,7 @@ def export_calls(
     table = table.cast(EXPORT_SCHEMA)
     path = Path(path)
     earlier = set(export_part_paths(path))
-    parts, names = 1, [path]
+    parts = 1
     while True:  # the fewest equal row ranges whose files all fit (a compressed size is known once written)
         rows = -(-table.num_rows // parts) if table.num_rows else 0
         names = [path] if parts == 1 else [path.with_name(f"{path.stem}.part{i:02d}.parquet") for i in range(1, parts + 1)]

@@ -35,8 +35,6 @@ import json
 import logging
 import math
 import os
-import platform
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +46,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.sequences import DOMAINS_FILE, split_file
-from ..hardware import resolve_precision
-from ..storage import atomic_write_text, sha256_file, stable_hash, write_parquet_atomic
+from ..hardware import cpu_model, resolve_precision
+from ..storage import atomic_write_text, sha256_file, stable_hash, temp_file_beside, write_parquet_atomic
 from .base import Recommender
 from .build import build_model
 from .config import TrainConfig, config_to_dict, train_config_from_dict
@@ -172,7 +170,7 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file_beside(path)
     os.close(fd)
     try:
         torch.save(obj, tmp)
@@ -407,14 +405,8 @@ def _stopped_under(history: list[dict[str, Any]], config: TrainConfig, state: di
 def hardware_summary(device: torch.device) -> dict[str, Any]:
     """What the run's figures were measured on: CPU model and cores, torch and its CPU
     capability, the GPU's name when training on CUDA."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     summary = {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch": torch.__version__,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
