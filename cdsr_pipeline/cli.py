@@ -16,9 +16,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -29,7 +31,7 @@ from .data.sequences import FilterConfig, build_sequences, format_statistics
 from .data.sources import FORMATS, SourceSpec, ingest_source
 from .errors import UserInputError
 from .llm.calllog import STAGES, CallExportError, CallLogLockedError
-from .storage import default_storage_root
+from .storage import ArtifactStore, default_storage_root
 
 
 def _domains(value: str | None) -> list[str] | None:
@@ -158,7 +160,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"error: {selection}", file=sys.stderr)
             return 2
     started = time.perf_counter()
-    with dg.DagsterInstance.get() as instance:
+    # two runs starting at once on a new DAGSTER_HOME would both create its SQLite
+    # schema (one of them fails): one at a time creates or opens the instance
+    with ArtifactStore(storage).lock("dagster_instance", f"cdsr run opening {home}", timeout=300):
+        instance = dg.DagsterInstance.get()
+        instance.get_runs(limit=1)  # the run storage's schema exists from here on
+    with instance:
         result = job.execute_in_process(
             run_config=_run_config(args),
             instance=instance,
@@ -180,12 +187,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"  check {name:<52} {status}")
     print(f"artifacts: {storage / 'artifacts'}")
     if not result.success:
+        disk_full = False
         for event in result.all_events:
             if event.is_step_failure:
-                error = event.step_failure_data.error
-                print(f"error in {event.step_key}: {error.message.strip() if error else 'unknown'}", file=sys.stderr)
+                message = _root_cause(event.step_failure_data.error)
+                disk_full = disk_full or is_disk_full(message)
+                print(f"error in {event.step_key}: {message}", file=sys.stderr)
+        if disk_full:
+            print(f"error: {disk_full_message(storage)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _root_cause(error) -> str:
+    """The innermost error of a step failure (Dagster wraps it in its own), one line."""
+    if error is None:
+        return "unknown"
+    while error.cause is not None:
+        error = error.cause
+    lines = error.message.strip().splitlines()
+    return lines[0] if lines else error.cls_name or "unknown"
 
 
 def _storage_root(args: argparse.Namespace) -> Path:
@@ -237,7 +258,6 @@ def find_run(storage: Path, name: str | None) -> Path:
     """A run folder by its report name or folder name; default: the best by validation MRR."""
     from .assets.training import all_run_dirs
     from .model.recommend import RecommendError
-    from .storage import ArtifactStore
 
     runs = all_run_dirs(ArtifactStore(storage))
     if not runs:
@@ -352,6 +372,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_DISK_FULL_WORDS = ("no space left on device", "database or disk is full", "disk is full")
+
+
+def is_disk_full(error: BaseException | str) -> bool:
+    """An error (or a step's error message) that says the disk filled up."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    text = str(error).lower()
+    return any(words in text for words in _DISK_FULL_WORDS)
+
+
+def disk_full_message(storage: Path) -> str:
+    try:
+        free = f"{shutil.disk_usage(storage).free / 2**20:,.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return (
+        f"the disk of {storage} is full ({free}); free some space and run again: completed "
+        f"stages are kept and reused, the unfinished ones were not committed and are rebuilt"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -359,6 +401,12 @@ def main(argv: list[str] | None = None) -> int:
     except (SourceError, FileNotFoundError, CallExportError, CallLogLockedError, UserInputError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:  # a full disk anywhere (artifacts, DuckDB, Dagster's SQLite): one line
+        if not is_disk_full(error):
+            raise
+        root = _storage_root(args) if hasattr(args, "storage") else Path.cwd()
+        print(f"error: {disk_full_message(root)} ({type(error).__name__}: {str(error).splitlines()[0][:200]})", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import threading
+import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +92,16 @@ class FileHashCache:
             entries[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
             atomic_write_text(self.path, json.dumps(entries, indent=1, sort_keys=True))
             return digest
+
+    def record(self, digests: Mapping[Path, str]) -> None:
+        """Enter hashes computed elsewhere (a commit hashes its files while staging them)."""
+        with self._lock:
+            entries = self._load()
+            for file, digest in digests.items():
+                resolved = Path(file).resolve()
+                stat = resolved.stat()
+                entries[str(resolved)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+            atomic_write_text(self.path, json.dumps(entries, indent=1, sort_keys=True))
 
 
 def _umask() -> int:
@@ -172,6 +185,61 @@ def input_fingerprint(code_version: str, config: Mapping[str, Any], inputs: Mapp
     return stable_hash({"code_version": code_version, "config": dict(config), "inputs": dict(inputs)})
 
 
+LOCK_POLL_SECONDS = 0.5
+LOCK_NOTICE_SECONDS = 60.0
+
+
+class StorageLockTimeout(RuntimeError):
+    """Another process held a storage lock for longer than the caller would wait."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(
+    path: Path,
+    holder: str,
+    *,
+    on_wait: Callable[[str], None] | None = None,
+    timeout: float | None = None,
+) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if absent) for the block.
+
+    A second process waits, told who holds it (``holder`` of the first, written into the
+    file: pid, host, what it builds), once at first and then every minute, or fails
+    after ``timeout`` seconds. The kernel drops the lock when its process dies, even
+    by SIGKILL, so no lock outlives a killed run.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as handle:
+        started = time.monotonic()
+        noticed = None
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                handle.seek(0)
+                held_by = handle.read().strip() or "another process"
+                waited = time.monotonic() - started
+                if timeout is not None and waited >= timeout:
+                    raise StorageLockTimeout(f"{path} is held by {held_by}; gave up after {waited:.0f} s") from None
+                if on_wait is not None and (noticed is None or time.monotonic() - noticed >= LOCK_NOTICE_SECONDS):
+                    on_wait(f"waiting for {path.name}: held by {held_by} (waited {waited:.0f} s)")
+                    noticed = time.monotonic()
+                time.sleep(LOCK_POLL_SECONDS)
+        try:
+            handle.seek(0)
+            handle.truncate()
+            stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {stamp}: {holder}\n")
+            handle.flush()
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            handle.flush()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class MissingArtifactError(RuntimeError):
     """An upstream stage has not been materialized into this storage root yet."""
 
@@ -199,6 +267,13 @@ class ArtifactStore:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def lock(
+        self, name: str, holder: str, *, on_wait: Callable[[str], None] | None = None, timeout: float | None = None
+    ):
+        """An exclusive lock of this storage root (``<root>/locks/<name>.lock``): one writer
+        per asset, one per call log, across processes (see :func:`exclusive_lock`)."""
+        return exclusive_lock(self.root / "locks" / f"{name}.lock", holder, on_wait=on_wait, timeout=timeout)
+
     @property
     def file_hashes(self) -> FileHashCache:
         return FileHashCache(self.root / "cache" / "file_hashes.json")
@@ -209,29 +284,43 @@ class ArtifactStore:
             return Manifest.from_json((self.asset_dir(asset) / MANIFEST_NAME).read_text())
         except FileNotFoundError:
             return None
+        except (ValueError, TypeError, KeyError):  # an edited or truncated manifest: the asset is rebuilt
+            return None
 
     def require(self, asset: str) -> Manifest:
         """The manifest of an upstream asset, or a clear error saying how to produce it."""
         manifest = self.read_manifest(asset)
-        if manifest is None or not self._files_intact(asset, manifest):
+        problem = "no manifest" if manifest is None else self.damage(asset, manifest)
+        if problem is not None:
             raise MissingArtifactError(
-                f"asset '{asset}' has no complete output under {self.asset_dir(asset)}; "
-                f"materialize it first (cdsr run --select {asset})"
+                f"asset '{asset}' has no complete output under {self.asset_dir(asset)} ({problem}); "
+                f"materialize it (again) first (cdsr run --select {asset})"
             )
         return manifest
 
-    def _files_intact(self, asset: str, manifest: Manifest) -> bool:
+    def damage(self, asset: str, manifest: Manifest) -> str | None:
+        """What is wrong with an asset's files against its manifest (a missing file, another
+        size, other content), or None when they are what was committed. Contents are
+        compared by SHA-256 through the file-hash cache: a file is hashed again only when
+        its size or mtime changed since it was last hashed, so an edited or truncated file
+        is caught and an untouched one costs a ``stat``."""
         folder = self.asset_dir(asset)
+        hashes = self.file_hashes
         for name, info in manifest.files.items():
             file = folder / name
-            if not file.is_file() or file.stat().st_size != info["bytes"]:
-                return False
-        return True
+            if not file.is_file():
+                return f"{name} is missing"
+            if file.stat().st_size != info["bytes"]:
+                return f"{name} has {file.stat().st_size:,} bytes, the manifest says {info['bytes']:,}"
+            if hashes.file_hash(file) != info["sha256"]:
+                return f"{name} does not have the content its manifest records (edited or corrupted)"
+        return None
 
     def cached(self, asset: str, fingerprint: str) -> Manifest | None:
-        """The existing manifest if it was computed from exactly this fingerprint."""
+        """The existing manifest if it was computed from exactly this fingerprint and its
+        files are intact (a damaged version is rebuilt)."""
         manifest = self.read_manifest(asset)
-        if manifest and manifest.fingerprint == fingerprint and self._files_intact(asset, manifest):
+        if manifest and manifest.fingerprint == fingerprint and self.damage(asset, manifest) is None:
             return manifest
         return None
 
@@ -283,6 +372,8 @@ class ArtifactStore:
             os.replace(final, trash)
         os.replace(staged, final)
         shutil.rmtree(trash, ignore_errors=True)
+        with contextlib.suppress(OSError):  # only a cache (a full disk must not fail a committed asset)
+            self.file_hashes.record({final / name: info["sha256"] for name, info in files.items()})
         staged.mkdir()  # the staging context removes it again
         return manifest
 

@@ -42,6 +42,8 @@ class Reply:
     text: str = ""
     status: int = 200
     delay_s: float = 0.0
+    cut_after: int | None = None  # close the stream after this many chunks, without the final one
+    model: str = MODEL  # the model name the chunks carry
 
 
 class FakeOllama:
@@ -147,11 +149,13 @@ class FakeOllama:
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-ndjson")
                 self.end_headers()
-                for part in parts:
-                    line = {"model": MODEL, "created_at": "2025-01-01T00:00:00Z", **part, "done": False}
+                for index, part in enumerate(parts):
+                    if reply.cut_after is not None and index == reply.cut_after:
+                        return  # HTTP/1.0: closing the connection ends the body mid-answer
+                    line = {"model": reply.model, "created_at": "2025-01-01T00:00:00Z", **part, "done": False}
                     self.wfile.write((json.dumps(line) + "\n").encode())
                     self.wfile.flush()
-                self.wfile.write((json.dumps(final) + "\n").encode())
+                self.wfile.write((json.dumps({**final, "model": reply.model}) + "\n").encode())
 
         return Handler
 
@@ -248,6 +252,46 @@ def test_server_errors_are_retried_with_backoff(fake_ollama):
     backend = OllamaBackend(fast_config(server.host, max_retries=3))
     [(_, completion)] = list(backend.complete([request("x")]))
     assert completion.text == "fine" and completion.transport_attempts == 3
+
+
+def test_a_stream_cut_before_its_final_chunk_is_retried_not_taken_as_the_answer(fake_ollama):
+    replies = iter([Reply("a long answer cut short", cut_after=2), Reply("the whole answer")])
+    server = fake_ollama(lambda path, body: next(replies))
+    backend = OllamaBackend(fast_config(server.host))
+    [(_, completion)] = list(backend.complete([request("x")]))
+    assert completion.text == "the whole answer" and completion.transport_attempts == 2
+
+
+def test_answers_of_another_model_are_refused_and_the_stage_resumes_once_it_is_back(fake_ollama, tmp_path):
+    swapped = threading.Event()
+
+    def answer(path, body):
+        if swapped.is_set():
+            return Reply("an answer from the wrong model", model="other:7b")
+        return Reply("A useful item. Keywords: things. Potential users: people.")
+
+    server = fake_ollama(answer)
+    config = fast_config(server.host, max_concurrency=1, max_retries=1)
+    items = titled_items([f"Product number {i}" for i in range(6)])
+    answered = []
+    original = server.answer
+
+    def swap_after_three(path, body):
+        if len(answered) == 3:
+            swapped.set()
+        answered.append(body["prompt"])
+        return original(path, body)
+
+    server.answer = swap_after_three
+    with CallLog(tmp_path / "calls.duckdb") as call_log:
+        with pytest.raises(BackendUnavailableError, match="answered by model 'other:7b'"):
+            augment_items(items, OllamaBackend(config), call_log)
+        assert call_log.count("augmentation") == 3  # none of the other model's answers
+    swapped.clear()
+    with CallLog(tmp_path / "calls.duckdb") as call_log:
+        result = augment_items(items, OllamaBackend(config), call_log)
+    assert result.stats.cached == 3 and result.stats.ok == 6
+    assert "wrong model" not in " ".join(result.table.column("text").to_pylist())
 
 
 def test_client_errors_are_not_retried(fake_ollama):

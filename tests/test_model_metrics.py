@@ -70,3 +70,13 @@ def test_negatives_are_seeded_and_differ_between_splits():
     assert not np.array_equal(first, sample_negatives(targets, DOMAINS, 50, seed=1, split="valid"))
     assert not np.array_equal(first, sample_negatives(targets, DOMAINS, 50, seed=0, split="test"))
     assert negatives_digest(first) == negatives_digest(first.copy())
+
+
+@pytest.mark.parametrize("k", [1, 3, 7, 50, 60])
+def test_top_k_indices_equal_a_stable_full_sort_with_ties_and_excluded_items(k):
+    from cdsr_pipeline.model.recommend import top_k_indices
+
+    generator = torch.Generator().manual_seed(k)
+    scores = torch.randint(0, 6, (50,), generator=generator).float()  # many ties
+    scores[[4, 9, 30]] = -torch.inf  # excluded (seen) items
+    assert top_k_indices(scores, k) == torch.argsort(scores, descending=True, stable=True)[:k].tolist()

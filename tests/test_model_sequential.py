@@ -144,6 +144,28 @@ def test_baselines_and_early_fusion_build_and_score():
     }
 
 
+@pytest.mark.parametrize("preset", ["sasrec", "llm_emf", "tema_llm", "tema_llm_fused"])
+def test_fixed_weights_cache_the_candidates_without_changing_a_score(preset):
+    model = _model(PRESETS[preset])
+    # an evaluation batch: one target per row, the last, both in domain Alpha
+    last_only = np.full_like(ARRAYS.targets, -1)
+    last_only[0, 4], last_only[1, 2] = 2, 4
+    arrays = SequenceArrays(ARRAYS.inputs, last_only, ARRAYS.lengths)
+    batch = make_batch(arrays, np.array([0, 1]), DOMAINS, model.views)
+    with torch.no_grad():
+        plain = model.full_sort_predict(batch)
+        with model.fixed_weights():
+            first = model.full_sort_predict(batch)
+            cached = dict(model._candidate_cache)
+            second = model.full_sort_predict(batch)
+        assert model._candidate_cache is None  # nothing outlives the block
+    assert set(cached) == {(name, 0) for name in model.towers}
+    torch.testing.assert_close(first, plain, rtol=0, atol=0)
+    torch.testing.assert_close(second, plain, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="no_grad"), model.fixed_weights():
+        pass  # a cache built while gradients flow would go stale at the next step
+
+
 def test_sampled_softmax_equals_the_full_one_when_it_samples_the_whole_domain():
     full = _model(PRESETS["tema_llm"])
     sampled = _model(dataclasses.replace(PRESETS["tema_llm"], loss_negatives=1000))

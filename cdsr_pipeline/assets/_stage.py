@@ -106,24 +106,27 @@ def run_stage(
     config = dict(config or {})
     fingerprint = input_fingerprint(code_version, config, inputs)
 
-    manifest = store.cached(asset, fingerprint)
-    reused = manifest is not None
-    if reused:
-        context.log.info(f"{asset}: inputs, config and code unchanged (fingerprint {fingerprint[:12]}); reusing {store.asset_dir(asset)}")
-    else:
-        started = time.perf_counter()
-        with store.staging(asset) as folder:
-            metadata = dict(build(folder))
-            metadata["build_seconds"] = round(time.perf_counter() - started, 2)
-            manifest = store.commit(
-                asset,
-                folder,
-                code_version=code_version,
-                fingerprint=fingerprint,
-                inputs=inputs,
-                config=config,
-                metadata=metadata,
-            )
+    # one writer per asset across processes (a scheduled run beside a manual one): the
+    # second waits, then finds the first one's output in the cache instead of rebuilding
+    with store.lock(asset, f"{asset} in Dagster run {context.run_id}", on_wait=context.log.warning):
+        manifest = store.cached(asset, fingerprint)
+        reused = manifest is not None
+        if reused:
+            context.log.info(f"{asset}: inputs, config and code unchanged (fingerprint {fingerprint[:12]}); reusing {store.asset_dir(asset)}")
+        else:
+            started = time.perf_counter()
+            with store.staging(asset) as folder:
+                metadata = dict(build(folder))
+                metadata["build_seconds"] = round(time.perf_counter() - started, 2)
+                manifest = store.commit(
+                    asset,
+                    folder,
+                    code_version=code_version,
+                    fingerprint=fingerprint,
+                    inputs=inputs,
+                    config=config,
+                    metadata=metadata,
+                )
     shown = dict(manifest.metadata)
     if markdown is not None:
         shown["summary"] = dg.MetadataValue.md(markdown(manifest.metadata))

@@ -52,13 +52,18 @@ def _items(store: ArtifactStore):
 
 
 @contextlib.contextmanager
-def _llm_session(store: ArtifactStore, llm: LLMResource) -> Iterator[tuple[object, CallLog]]:
-    backend = open_backend(llm.llm_config(store))
-    try:
-        with CallLog(store.root / "cache" / CALL_LOG_FILE) as call_log:
-            yield backend, call_log
-    finally:
-        backend.close()
+def _llm_session(
+    store: ArtifactStore, llm: LLMResource, context: dg.AssetExecutionContext
+) -> Iterator[tuple[object, CallLog]]:
+    # DuckDB lets one process write the call log: an LLM stage of another run waits for it
+    holder = f"{context.asset_key.path[-1]} in Dagster run {context.run_id}"
+    with store.lock("llm_calls", holder, on_wait=context.log.warning):
+        backend = open_backend(llm.llm_config(store))
+        try:
+            with CallLog(store.root / "cache" / CALL_LOG_FILE) as call_log:
+                yield backend, call_log
+        finally:
+            backend.close()
 
 
 class LLMFailureLimit(dg.Config):
@@ -108,7 +113,7 @@ def llm_augmented_text(
     store = storage.store()
 
     def build(folder: Path):
-        with _llm_session(store, llm) as (backend, call_log):
+        with _llm_session(store, llm, context) as (backend, call_log):
             result = augment_items(_items(store), backend, call_log, AugmentationConfig(**config.model_dump()))
         write_parquet_atomic(result.table, folder / AUGMENTED_FILE)
         return result.metadata() | {"llm": dict(backend.identity)}
@@ -177,7 +182,7 @@ def domain_tag_vocabularies(
     store = storage.store()
 
     def build(folder: Path):
-        with _llm_session(store, llm) as (backend, call_log):
+        with _llm_session(store, llm, context) as (backend, call_log):
             result = build_tag_vocabularies(
                 domain_names(_items(store)), backend, call_log, VocabularyConfig(**config.model_dump())
             )
@@ -233,7 +238,7 @@ def item_tag_scores(
             if config.candidates
             else None
         )
-        with _llm_session(store, llm) as (backend, call_log):
+        with _llm_session(store, llm, context) as (backend, call_log):
             result = score_item_tags(
                 _items(store), domain_tags, vocabulary, backend, call_log, TagScoringConfig(**config.model_dump()), encoder
             )

@@ -123,7 +123,7 @@ class OllamaBackend:
         if self.config.num_ctx:
             options["num_ctx"] = self.config.num_ctx
         parts: list[str] = []
-        done_reason = "stop"
+        done_reason = None
         try:
             for chunk in self._client().generate(
                 model=self.config.model,
@@ -135,6 +135,9 @@ class OllamaBackend:
                 think=self.config.think,
                 keep_alive=self.config.keep_alive,
             ):
+                if chunk.model and _with_tag(chunk.model) != _with_tag(self.config.model):
+                    # the server swapped models under the run: its answers are not this model's
+                    raise _RetryableError(f"answered by model {chunk.model!r}, not {self.config.model!r}")
                 parts.append(chunk.response or "")
                 if chunk.done:
                     done_reason = "length" if chunk.done_reason == "length" else "stop"
@@ -143,6 +146,8 @@ class OllamaBackend:
         except (ConnectionError, httpx.TransportError, ValueError) as error:
             # ValueError: a broken NDJSON line, i.e. a broken connection or server.
             raise _RetryableError(f"{type(error).__name__}: {error}") from error
+        if done_reason is None:  # the connection closed before the final chunk: a cut answer
+            raise _RetryableError(f"the stream ended after {len(parts)} chunks without its final one")
         return _THINK_BLOCK.sub("", "".join(parts), count=1), done_reason
 
     def _generate(self, request: CompletionRequest) -> Completion:

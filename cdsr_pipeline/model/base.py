@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -40,6 +42,12 @@ class Recommender(nn.Module, ABC):
     @abstractmethod
     def full_sort_predict(self, batch: Batch) -> torch.Tensor:
         """[E, N_D] scores of every item of the batch's target domain D (higher = better)."""
+
+    @contextlib.contextmanager
+    def fixed_weights(self) -> Iterator[None]:
+        """A block in which the weights do not change (evaluation, serving): a model may
+        compute what depends only on its weights once for the whole block."""
+        yield
 
     def predict(self, batch: Batch, candidates: torch.Tensor) -> torch.Tensor:
         """[E, C] scores of the given candidates (local indices within D)."""

@@ -77,13 +77,14 @@ def evaluate(
     model.eval()
     ranks: dict[int, dict[str, list[np.ndarray]]] = {d: {p: [] for p in PROTOCOLS} for d in (0, 1)}
     batches = list(evaluation_batches(split.arrays, domains, batch_size))
-    for domain, rows in tqdm(batches, desc=f"evaluate {split.name}", leave=False, disable=not progress):
-        batch = make_batch(split.arrays, rows, domains, model.views).to(device)
-        scores = model.full_sort_predict(batch).float()
-        target_scores = scores.gather(1, batch.domains[domain].targets[:, None]).squeeze(1)
-        candidates = torch.from_numpy(split.negatives[rows]).to(device)
-        ranks[domain]["full"].append(target_ranks(target_scores, scores).cpu().numpy())
-        ranks[domain]["sampled"].append(target_ranks(target_scores, scores.gather(1, candidates)).cpu().numpy())
+    with model.fixed_weights():
+        for domain, rows in tqdm(batches, desc=f"evaluate {split.name}", leave=False, disable=not progress):
+            batch = make_batch(split.arrays, rows, domains, model.views).to(device)
+            scores = model.full_sort_predict(batch).float()
+            target_scores = scores.gather(1, batch.domains[domain].targets[:, None]).squeeze(1)
+            candidates = torch.from_numpy(split.negatives[rows]).to(device)
+            ranks[domain]["full"].append(target_ranks(target_scores, scores).cpu().numpy())
+            ranks[domain]["sampled"].append(target_ranks(target_scores, scores.gather(1, candidates)).cpu().numpy())
     result = {}
     for domain, key in enumerate(DOMAIN_KEYS):
         merged = {p: np.concatenate(ranks[domain][p]) if ranks[domain][p] else np.empty(0) for p in PROTOCOLS}

@@ -12,6 +12,7 @@ summed weights of that tag over the history.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -79,6 +80,14 @@ class LoadedRun:
         self.titles = dict(zip(ids, self.items["title"].to_list(), strict=True))
         self.source_ids = dict(zip(ids, self.items["source_id"].to_list(), strict=True))
         self.by_source = {source: item for item, source in self.source_ids.items()}
+        # the weights never change while the run is loaded: the towers' candidate
+        # matrices are computed here once (scoring each request is then one small product
+        # per tower and view instead of a pass over every item)
+        self._fixed = contextlib.ExitStack()
+        with torch.no_grad():
+            self._fixed.enter_context(self.model.fixed_weights())
+            for domain in (0, 1):
+                domain_scores(self, [[self.domains.first_id(domain)]], domain)
 
     def item_ids(self, history: Sequence[int | str]) -> list[int]:
         """Global ids of a history given as global ids or source ids (ASINs); unknown ones listed in the error."""
@@ -206,12 +215,23 @@ def answer_queries(run: LoadedRun, queries: Sequence[Query]) -> list[list[Recomm
     return answers  # type: ignore[return-value]
 
 
+def top_k_indices(scores: torch.Tensor, k: int) -> list[int]:
+    """The ``k`` best indices of a 1-d tensor, best first, ties to the lower index: what
+    ``argsort(descending=True, stable=True)[:k]`` gives, without sorting every item
+    (a partial selection, then a stable sort of the few that reach the k-th score)."""
+    if k >= scores.numel():
+        return torch.argsort(scores, descending=True, stable=True).tolist()
+    kth = torch.topk(scores, k, sorted=False).values.min()
+    reaching = torch.nonzero(scores >= kth).squeeze(1)
+    return reaching[torch.argsort(scores[reaching], descending=True, stable=True)[:k]].tolist()
+
+
 def _top_k(run: LoadedRun, query: Query, total: torch.Tensor, shares: dict[str, torch.Tensor]) -> list[Recommendation]:
     first, size = run.domains.first_id(query.domain), run.domains.sizes[query.domain]
     if query.exclude_seen:
         seen = [i - first for i in query.ids if first <= i < first + size]
         total[seen] = -torch.inf
-    order = torch.argsort(total, descending=True, stable=True)[: query.k].tolist()
+    order = top_k_indices(total, query.k)
     history_tags: dict[int, float] = {}
     if run.tag_rows is not None:
         for item in query.ids:

@@ -31,7 +31,9 @@ Towers:
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -237,6 +239,8 @@ class SequentialRecommender(Recommender):
         )
         self.register_buffer("log_weights", torch.tensor([math.log(weights[n]) for n in towers]), persistent=False)
         self.register_buffer("view_weights", self._view_weights(config), persistent=False)
+        # (tower, domain) -> candidate matrix, only inside fixed_weights()
+        self._candidate_cache: dict[tuple[str, int], torch.Tensor] | None = None
         self.summary = {
             "sources": [name for name in MODALITIES if name in enabled],
             "towers": {name: round(w, 6) for name, w in weights.items()},
@@ -266,6 +270,28 @@ class SequentialRecommender(Recommender):
 
     # -- shared forward --------------------------------------------------------
 
+    @contextlib.contextmanager
+    def fixed_weights(self) -> Iterator[None]:
+        """Each tower's candidate matrix of each domain is computed once for the block
+        instead of once per batch (the same values: the weights are fixed in it). What
+        makes serving and full-sort evaluation cheap, most of all for early fusion,
+        whose candidates are every item of D through the MLP."""
+        if torch.is_grad_enabled():
+            raise RuntimeError("fixed_weights() is for inference: call it under torch.no_grad()")
+        outer, self._candidate_cache = self._candidate_cache, {}
+        try:
+            yield
+        finally:
+            self._candidate_cache = outer
+
+    def _candidates(self, name: str, domain: int) -> torch.Tensor:
+        cache = self._candidate_cache
+        if cache is None or torch.is_grad_enabled():
+            return self.towers[name].candidates(*self.domains.item_range(domain))
+        if (name, domain) not in cache:
+            cache[name, domain] = self.towers[name].candidates(*self.domains.item_range(domain))
+        return cache[name, domain]
+
     def _encode(self, batch: Batch) -> dict[str, dict[str, torch.Tensor]]:
         """tower -> view -> encoder outputs [B, L_view, hidden]."""
         return {
@@ -289,7 +315,7 @@ class SequentialRecommender(Recommender):
                 for view in self.views
             ]
         )
-        candidates = tower.candidates(*self.domains.item_range(domain))
+        candidates = self._candidates(name, domain)
         index = examples.example_query.clamp(min=0)
         empty = examples.example_query < 0
         uniform = -math.log(self.domains.sizes[domain])

@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.sequences import DOMAINS_FILE, split_file
+from ..errors import UserInputError
 from ..hardware import cpu_model, resolve_precision
 from ..storage import atomic_write_text, sha256_file, stable_hash, temp_file_beside, write_parquet_atomic
 from .base import Recommender
@@ -181,9 +183,21 @@ def _save_atomic(obj: dict, path: Path) -> None:
         raise
 
 
+class CheckpointError(UserInputError):
+    """A checkpoint file that this trainer did not write: truncated, edited, or a pickle
+    asking to run code (which ``weights_only=True`` refuses to unpickle)."""
+
+
 def load_checkpoint(path: Path) -> dict:
     """A checkpoint of this trainer (tensors and plain values only)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path} is not a checkpoint of this trainer, refused: {first_line}") from None
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise CheckpointError(f"{path} is not a checkpoint of this trainer, refused: no model weights in it")
+    return checkpoint
 
 
 @dataclass
@@ -280,8 +294,17 @@ def train_model(sequences_dir: Path, features: FeatureInputs, config: TrainConfi
     state = {"epoch": 0, "best_value": -math.inf, "best_epoch": 0, "bad_epochs": 0, "stopped": False}
     history: list[dict[str, Any]] = []
     last_path = out_dir / LAST_CHECKPOINT
+    checkpoint = None
     if last_path.is_file():
-        checkpoint = load_checkpoint(last_path)
+        try:
+            checkpoint = load_checkpoint(last_path)
+        except CheckpointError as error:
+            # the run is rebuilt from epoch 1 (deterministic: the same result); the
+            # refused file is kept beside it for whoever wants to look at it
+            rejected = last_path.with_suffix(".pt.rejected")
+            os.replace(last_path, rejected)
+            log.warning("%s; moved to %s, training from the start", error, rejected.name)
+    if checkpoint is not None:
         legacy = stable_hash({"config": config.legacy_identity_hash(), "inputs": digest})
         if precision == "fp32" and checkpoint.get("identity") == legacy:
             identity = legacy  # a run from before patience left the identity: keep its checkpoints consistent
