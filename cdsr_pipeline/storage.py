@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,19 +79,34 @@ class FileHashCache:
         except (FileNotFoundError, json.JSONDecodeError):
             return {}
 
+    def _save(self, entries: dict[str, dict[str, Any]]) -> None:
+        atomic_write_text(self.path, json.dumps(entries, indent=1, sort_keys=True))
+
+    @staticmethod
+    def _entry(stat: os.stat_result, digest: str) -> dict[str, Any]:
+        return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+
     def file_hash(self, file: str | os.PathLike[str]) -> str:
-        resolved = Path(file).resolve()
-        stat = resolved.stat()
-        key = str(resolved)
+        return self.hashes_of([file])[0]
+
+    def hashes_of(self, files: Sequence[str | os.PathLike[str]]) -> list[str]:
+        """The hashes of several files with one read of the cache and at most one write."""
         with self._lock:
             entries = self._load()
-            hit = entries.get(key)
-            if hit and hit["size"] == stat.st_size and hit["mtime_ns"] == stat.st_mtime_ns:
-                return hit["sha256"]
-            digest = sha256_file(resolved)
-            entries[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
-            atomic_write_text(self.path, json.dumps(entries, indent=1, sort_keys=True))
-            return digest
+            digests, changed = [], False
+            for file in files:
+                resolved = Path(file).resolve()
+                stat = resolved.stat()
+                hit = entries.get(str(resolved))
+                if hit and hit["size"] == stat.st_size and hit["mtime_ns"] == stat.st_mtime_ns:
+                    digests.append(hit["sha256"])
+                    continue
+                digests.append(sha256_file(resolved))
+                entries[str(resolved)] = self._entry(stat, digests[-1])
+                changed = True
+            if changed:
+                self._save(entries)
+            return digests
 
     def record(self, digests: Mapping[Path, str]) -> None:
         """Enter hashes computed elsewhere (a commit hashes its files while staging them)."""
@@ -99,9 +114,8 @@ class FileHashCache:
             entries = self._load()
             for file, digest in digests.items():
                 resolved = Path(file).resolve()
-                stat = resolved.stat()
-                entries[str(resolved)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
-            atomic_write_text(self.path, json.dumps(entries, indent=1, sort_keys=True))
+                entries[str(resolved)] = self._entry(resolved.stat(), digest)
+            self._save(entries)
 
 
 def _umask() -> int:
@@ -305,14 +319,16 @@ class ArtifactStore:
         its size or mtime changed since it was last hashed, so an edited or truncated file
         is caught and an untouched one costs a ``stat``."""
         folder = self.asset_dir(asset)
-        hashes = self.file_hashes
         for name, info in manifest.files.items():
             file = folder / name
             if not file.is_file():
                 return f"{name} is missing"
-            if file.stat().st_size != info["bytes"]:
-                return f"{name} has {file.stat().st_size:,} bytes, the manifest says {info['bytes']:,}"
-            if hashes.file_hash(file) != info["sha256"]:
+            size = file.stat().st_size
+            if size != info["bytes"]:
+                return f"{name} has {size:,} bytes, the manifest says {info['bytes']:,}"
+        digests = self.file_hashes.hashes_of([folder / name for name in manifest.files])
+        for (name, info), digest in zip(manifest.files.items(), digests, strict=True):
+            if digest != info["sha256"]:
                 return f"{name} does not have the content its manifest records (edited or corrupted)"
         return None
 
