@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -341,6 +342,20 @@ class ArtifactStore:
         return None
 
     # -- publishing -----------------------------------------------------------
+    def remove_leftovers(self, asset: str) -> list[Path]:
+        """Remove the staged and trashed versions of ``asset`` that a killed process left
+        (its staging context never ran its cleanup). Call with the asset's lock held: no
+        live writer of the asset then has a folder there."""
+        pattern = re.compile(re.escape(asset) + r"-[0-9a-f]{12}")
+        removed = []
+        for parent in (self.artifacts / ".staging", self.artifacts / ".trash"):
+            if parent.is_dir():
+                for folder in parent.iterdir():
+                    if pattern.fullmatch(folder.name):
+                        shutil.rmtree(folder, ignore_errors=True)
+                        removed.append(folder)
+        return removed
+
     @contextlib.contextmanager
     def staging(self, asset: str) -> Iterator[Path]:
         """A fresh folder to write a new version of ``asset`` into; removed on failure."""

@@ -109,6 +109,8 @@ def run_stage(
     # one writer per asset across processes (a scheduled run beside a manual one): the
     # second waits, then finds the first one's output in the cache instead of rebuilding
     with store.lock(asset, f"{asset} in Dagster run {context.run_id}", on_wait=context.log.warning):
+        for folder in store.remove_leftovers(asset):
+            context.log.info(f"{asset}: removed {folder}, left by a run that was killed while writing it")
         manifest = store.cached(asset, fingerprint)
         reused = manifest is not None
         if reused:

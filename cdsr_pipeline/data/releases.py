@@ -189,6 +189,12 @@ def ingest_llmcdsr(folder: Path, out_dir: Path, domain_names: tuple[str, str] | 
             outside = (pl.element() >= n_a) if user_domains == "A" else (pl.element() < n_a)
             reasons = reasons.when(pl.col("item_ids").list.eval(outside).list.any()).then(pl.lit("domain_mismatch"))
         parsed = parsed.with_columns(reasons.otherwise(None).alias("reason"))
+        # A user's second line in one file (a repeated line, or two sequences under one
+        # key) would be merged into the first sequence: the first line is kept.
+        repeated = pl.col("reason").is_null() & ~pl.col("user").str.strip_chars().is_first_distinct().over(
+            pl.col("reason").is_null()
+        )
+        parsed = parsed.with_columns(pl.when(repeated).then(pl.lit("duplicate_user")).otherwise(pl.col("reason")).alias("reason"))
         collect.reject(_quarantine_rows(parsed.filter(pl.col("reason").is_not_null()), path, pl.col("reason")))
         good = parsed.filter(pl.col("reason").is_null())
         # Row keys are unique per file: LLMCDSR numbers users from 1 in every file.

@@ -23,7 +23,9 @@ from typing import Any
 from cdsr_pipeline.storage import stable_hash
 
 _SPACES = re.compile(r"\s+")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0 and C1 controls, zero-width characters and bidirectional overrides/isolates: they
+# can hide or reorder text in the prompt (a title is data, never layout).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
 
 
 def quote(text: str, max_chars: int) -> str:

@@ -1,0 +1,219 @@
+"""Property-based fuzzing of the raw readers (hypothesis): corrupted lines never sink a file.
+
+Each example takes valid lines of one raw format, corrupts some of them (truncation,
+byte flips, invalid UTF-8, a missing field, a wrong type, a duplicated line) and checks
+the readers' contract:
+
+- no crash: the reader returns (only an unreadable file as a whole may be refused);
+- every record read is either kept or quarantined with a reason (counts add up);
+- the untouched lines give the same rows, in the same order, as a file holding only
+  them; each corrupted line adds at most one row;
+- (line-exact formats) every quarantined line number is a corrupted line's.
+
+The examples are derandomized, so CI runs the same cases every time;
+``scripts/fault_campaign.py --fuzz-examples N`` runs more of them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from cdsr_pipeline.data.amazon import ingest_amazon
+from cdsr_pipeline.data.ingest import INTERACTIONS_FILE, QUARANTINE_FILE, IngestReport
+from cdsr_pipeline.data.interactions_file import ingest_interactions_file
+
+N_LINES = 12
+NAMES = ("Food", "Kitchen")
+EXAMPLES = int(os.environ.get("CDSR_FUZZ_EXAMPLES", "25"))
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+CORRUPTIONS = ("truncate", "flip", "bad_utf8", "missing_field", "wrong_type", "duplicate")
+
+# (line index, corruption, a number that picks the position / byte)
+corruption_plans = st.lists(
+    st.tuples(st.integers(0, N_LINES - 1), st.sampled_from(CORRUPTIONS), st.integers(0, 2**16)),
+    min_size=1,
+    max_size=5,
+    unique_by=lambda c: c[0],
+)
+
+
+def corrupt_csv(line: bytes, kind: str, pick: int) -> list[bytes]:
+    fields = line.split(b",")
+    if kind == "missing_field":
+        return [b",".join(fields[:pick % 4] + fields[pick % 4 + 1 :])]
+    if kind == "wrong_type":
+        return [b",".join(fields[:3] + [b"soon"])] if pick % 2 else [b",".join(fields[:2] + [b"Toys", fields[3]])]
+    return corrupt_bytes(line, kind, pick)
+
+
+def corrupt_json(line: bytes, kind: str, pick: int) -> list[bytes]:
+    record = json.loads(line)
+    if kind == "missing_field":
+        del record[("reviewerID", "asin", "unixReviewTime")[pick % 3]]
+        return [json.dumps(record).encode()]
+    if kind == "wrong_type":
+        record["unixReviewTime"] = ("soon", [1], {"t": 1}, None)[pick % 4]
+        return [json.dumps(record).encode()]
+    return corrupt_bytes(line, kind, pick)
+
+
+def corrupt_bytes(line: bytes, kind: str, pick: int) -> list[bytes]:
+    position = pick % len(line)
+    if kind == "truncate":
+        return [line[:position]]
+    if kind == "flip":
+        return [line[:position] + bytes([pick % 256]) + line[position + 1 :]]
+    if kind == "bad_utf8":
+        return [line[:position] + b"\xff\xfe" + line[position:]]
+    assert kind == "duplicate"
+    return [line, line]
+
+
+def assemble(lines: list[bytes], plan: list[tuple[int, str, int]], corrupt, first_line: int) -> tuple[bytes, set[int]]:
+    """The file's bytes and the physical line numbers (1-based) that hold corrupted text."""
+    by_index = {index: (kind, pick) for index, kind, pick in plan}
+    physical: list[bytes] = []
+    corrupted_lines: set[int] = set()
+    for index, line in enumerate(lines):
+        if index not in by_index:
+            physical.append(line)
+            continue
+        for piece in corrupt(line, *by_index[index]):
+            start = first_line + len(physical) + sum(p.count(b"\n") for p in physical)
+            corrupted_lines.update(range(start, start + piece.count(b"\n") + 1))
+            physical.append(piece)
+    return b"".join(p + b"\n" for p in physical), corrupted_lines
+
+
+def rows(out: Path) -> list[tuple]:
+    return [(r["user"], r["item"], r["domain"], r["timestamp"]) for r in pq.read_table(out / INTERACTIONS_FILE).to_pylist()]
+
+
+def is_subsequence(small: list, large: list) -> bool:
+    remaining = iter(large)
+    return all(any(row == other for other in remaining) for row in small)
+
+
+def check_contract(report: IngestReport, out: Path, clean_out: Path, n_corrupted: int) -> list[dict]:
+    quarantined = pq.read_table(out / QUARANTINE_FILE).to_pylist()
+    assert report.interactions + report.quarantined_total == report.lines_read
+    assert len(quarantined) == report.quarantined_total and all(r["reason"] for r in quarantined)
+    kept, clean = rows(out), rows(clean_out)
+    assert is_subsequence(clean, kept), (clean, kept)
+    assert len(kept) - len(clean) <= n_corrupted
+    return quarantined
+
+
+CSV_HEADER = b"user,item,domain,timestamp"
+CSV_LINES = [f"u{i:02d},i{i:02d},{NAMES[i % 2]},{1000 + i}".encode() for i in range(N_LINES)]
+
+
+@FUZZ
+@given(plan=corruption_plans)
+@example(plan=[(0, "duplicate", 0), (3, "flip", ord('"')), (5, "flip", ord("\n") + 256 * 3)])
+def test_interactions_csv_survives_corrupted_lines(tmp_path_factory, plan) -> None:
+    work = tmp_path_factory.mktemp("csv")
+    body, _ = assemble(CSV_LINES, plan, corrupt_csv, first_line=2)
+    (work / "log.csv").write_bytes(CSV_HEADER + b"\n" + body)
+    touched = {index for index, _, _ in plan}
+    clean = b"".join(line + b"\n" for i, line in enumerate(CSV_LINES) if i not in touched)
+    (work / "clean.csv").write_bytes(CSV_HEADER + b"\n" + clean)
+    report = ingest_interactions_file(work / "log.csv", None, work / "out", NAMES)
+    ingest_interactions_file(work / "clean.csv", None, work / "clean_out", NAMES)
+    check_contract(report, work / "out", work / "clean_out", len(plan))
+
+
+def review_line(i: int) -> bytes:
+    record = {"overall": 5.0, "verified": True, "reviewerID": f"u{i:02d}", "asin": f"I{i:02d}"}
+    return json.dumps(record | {"reviewText": "Tastes great", "unixReviewTime": 1252800000 + i}).encode()
+
+
+REVIEW_LINES = [review_line(i) for i in range(N_LINES)]
+
+
+@FUZZ
+@given(plan=corruption_plans)
+@example(plan=[(0, "duplicate", 0), (3, "flip", ord('"')), (5, "flip", ord("\n") + 256 * 3)])
+def test_amazon_reviews_survive_corrupted_lines(tmp_path_factory, plan) -> None:
+    work = tmp_path_factory.mktemp("amazon")
+    body, corrupted_lines = assemble(REVIEW_LINES, plan, corrupt_json, first_line=1)
+    other = gzip.compress(REVIEW_LINES[0] + b"\n")  # domain B: one good review
+    (work / "Food.json.gz").write_bytes(gzip.compress(body))
+    (work / "Kitchen.json.gz").write_bytes(other)
+    touched = {index for index, _, _ in plan}
+    (work / "clean.json.gz").write_bytes(gzip.compress(b"".join(l + b"\n" for i, l in enumerate(REVIEW_LINES) if i not in touched)))
+    meta = {"A": None, "B": None}
+    report = ingest_amazon("amazon2018", {"A": work / "Food.json.gz", "B": work / "Kitchen.json.gz"}, meta, work / "out", NAMES)
+    ingest_amazon("amazon2018", {"A": work / "clean.json.gz", "B": work / "Kitchen.json.gz"}, meta, work / "clean_out", NAMES)
+    quarantined = check_contract(report, work / "out", work / "clean_out", len(plan))
+    for record in quarantined:
+        assert Path(record["source_file"]).name == "Food.json.gz" and record["line"] in corrupted_lines, record
+
+
+DEMO_RELEASE = Path(__file__).resolve().parents[1] / "cdsr_pipeline" / "demo_data" / "llmcdsr-food-kitchen-sample"
+SEQUENCE_LINES = (DEMO_RELEASE / "train_overlap.txt").read_bytes().splitlines()[:N_LINES]
+
+
+def corrupt_sequence(line: bytes, kind: str, pick: int) -> list[bytes]:
+    user, ids = line.split(b"\t")
+    if kind == "missing_field":
+        return [ids] if pick % 2 else [user + b"\t"]
+    if kind == "wrong_type":
+        tokens = ids.split(b",")
+        tokens[pick % len(tokens)] = (b"x", b"-3", b"99999", b"1.5")[pick % 4]
+        return [user + b"\t" + b",".join(tokens)]
+    return corrupt_bytes(line, kind, pick)
+
+
+def release_with(folder: Path, train_overlap: bytes) -> Path:
+    folder.mkdir()
+    for source in DEMO_RELEASE.iterdir():
+        if source.suffix == ".txt" or source.name == "items.tsv":
+            (folder / source.name).write_bytes(source.read_bytes())
+    (folder / "train_overlap.txt").write_bytes(train_overlap)
+    return folder
+
+
+def sequences(out: Path) -> dict[str, list[tuple]]:
+    """The training sequences of train_overlap.txt by user: (item, domain, position) in order."""
+    by_user: dict[str, list[tuple]] = {}
+    for r in pq.read_table(out / INTERACTIONS_FILE).to_pylist():
+        if r["user"].startswith("train_overlap:"):
+            by_user.setdefault(r["user"], []).append((r["item"], r["domain"], r["position"]))
+    return by_user
+
+
+@FUZZ
+@given(plan=corruption_plans)
+@example(plan=[(0, "duplicate", 0), (3, "flip", ord('"')), (5, "flip", ord("\n") + 256 * 3)])
+def test_llmcdsr_sequences_survive_corrupted_lines(tmp_path_factory, plan) -> None:
+    from cdsr_pipeline.data.releases import ingest_llmcdsr
+
+    work = tmp_path_factory.mktemp("release")
+    body, corrupted_lines = assemble(SEQUENCE_LINES, plan, corrupt_sequence, first_line=1)
+    touched = {index for index, _, _ in plan}
+    clean = b"".join(line + b"\n" for i, line in enumerate(SEQUENCE_LINES) if i not in touched)
+    report = ingest_llmcdsr(release_with(work / "fuzzed", body), work / "out", NAMES)
+    clean_report = ingest_llmcdsr(release_with(work / "clean", clean), work / "clean_out", NAMES)
+    quarantined = [r for r in pq.read_table(work / "out" / QUARANTINE_FILE).to_pylist() if r["source_file"].endswith("train_overlap.txt")]
+    kept, clean_kept = sequences(work / "out"), sequences(work / "clean_out")
+    # Every line of the file is one sequence, kept or quarantined.
+    n_lines = body.count(b"\n")
+    assert len(kept) + len(quarantined) == n_lines
+    assert report.lines_read - n_lines == clean_report.lines_read - clean.count(b"\n")
+    assert all(record["line"] in corrupted_lines and record["reason"] for record in quarantined), quarantined
+    assert all(kept.get(user) == sequence for user, sequence in clean_kept.items()), (clean_kept, kept)
+    assert len(kept) - len(clean_kept) <= len(plan)
