@@ -122,10 +122,10 @@ class LLMResource(dg.ConfigurableResource):
     n_threads: int = Field(default=2, description="embedded: CPU threads.")
     generation_batch: int = Field(default=16, description="embedded: sequences generated together.")
     precision: str = Field(default="f16", description="embedded: f16 (converted once; faster on CPU) or as_shipped.")
-    host: Optional[str] = Field(default=None, description="ollama: server URL; empty: $OLLAMA_HOST or 127.0.0.1:11434.")
+    host: Optional[str] = Field(default=None, description="ollama: server URL, or several comma-separated (requests are spread over them); empty: $OLLAMA_HOST or 127.0.0.1:11434.")
     timeout_s: float = Field(default=300.0, description="ollama: longest silence while waiting for an answer.")
     max_retries: int = Field(default=4, description="ollama: retries on connection errors, timeouts and 5xx.")
-    max_concurrency: int = Field(default=4, description="ollama: requests in flight (match OLLAMA_NUM_PARALLEL).")
+    max_concurrency: int = Field(default=4, description="ollama: requests in flight per server (match OLLAMA_NUM_PARALLEL).")
     think: Optional[bool] = Field(default=None, description="ollama: false turns a reasoning model's thinking off.")
 
     def llm_config(self, store: ArtifactStore):
@@ -166,4 +166,6 @@ class LLMResource(dg.ConfigurableResource):
             return stable_hash(
                 {"backend": "embedded", "gguf_sha256": resolved.sha256, "precision": config.embedded.precision}
             )
-        return stable_hash({"backend": "ollama", "host": config.ollama.resolved_host(), "model": config.ollama.model})
+        hosts = config.ollama.resolved_hosts()
+        host = hosts[0] if len(hosts) == 1 else sorted(hosts)  # one server: the fingerprint of earlier versions
+        return stable_hash({"backend": "ollama", "host": host, "model": config.ollama.model})

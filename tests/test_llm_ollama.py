@@ -52,6 +52,7 @@ class FakeOllama:
 
     def __init__(self, answer: Callable[[str, dict], Reply], port: int = 0):
         self.answer = answer
+        self.digest = DIGEST  # the weights it serves MODEL with
         self.requests: list[dict] = []
         self.in_flight = 0
         self.max_in_flight = 0
@@ -99,7 +100,7 @@ class FakeOllama:
                     "model": MODEL,
                     "modified_at": "2025-01-01T00:00:00Z",
                     "size": 1234,
-                    "digest": DIGEST,
+                    "digest": fake.digest,
                     "details": {"format": "gguf", "family": "tiny", "parameter_size": "1M", "quantization_level": "Q4_0"},
                 }
                 self._json(200, {"models": [model]})
@@ -464,3 +465,66 @@ def test_chat_endpoint_speaks_ollama_streaming(fake_ollama):
     streamed = "".join(part.message.content for part in client.chat(model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True))
     whole = client.chat(model=MODEL, messages=[{"role": "user", "content": "hi"}])
     assert streamed == whole.message.content == "hello there"
+
+
+# -- several servers ------------------------------------------------------------------
+def _items_of(titles: list[str]):
+    return titled_items(titles)
+
+
+def test_requests_are_spread_over_servers_bounded_per_server_and_the_log_names_who_answered(fake_ollama, tmp_path):
+    def slowish(path, body):
+        return Reply("A useful item. Keywords: things.", delay_s=0.05)
+
+    servers = [fake_ollama(slowish) for _ in range(3)]
+    config = fast_config(",".join(s.host for s in servers), max_concurrency=2)
+    backend = OllamaBackend(config)
+    assert backend.identity["digest"] == DIGEST
+    items = _items_of([f"Product number {i}" for i in range(30)])
+    with CallLog(tmp_path / "calls.duckdb") as call_log:
+        result = augment_items(items, backend, call_log)
+        answered_by = call_log._con.execute("SELECT server, count(*) FROM llm_calls GROUP BY server").fetchall()
+    assert result.stats.ok == 30
+    counts = [len(s.generate_requests()) for s in servers]
+    assert sum(counts) == 30 and min(counts) >= 5, counts  # each server took a share
+    assert all(s.max_in_flight <= 2 for s in servers) and max(s.max_in_flight for s in servers) == 2
+    assert dict(answered_by) == {s.host: n for s, n in zip(servers, counts)}
+
+
+def test_a_failing_server_is_set_aside_and_its_requests_answered_by_another(fake_ollama, tmp_path):
+    healthy = fake_ollama(echo_answer_paragraph)
+    broken = fake_ollama(lambda path, body: Reply(status=500))
+    config = fast_config(f"{broken.host},{healthy.host}", max_concurrency=1, max_retries=2, down_s=60.0)
+    backend = OllamaBackend(config)
+    items = _items_of([f"Product number {i}" for i in range(10)])
+    with CallLog(tmp_path / "calls.duckdb") as call_log:
+        result = augment_items(items, backend, call_log)
+        servers = {row[0] for row in call_log._con.execute("SELECT DISTINCT server FROM llm_calls").fetchall()}
+    assert result.stats.ok == 10 and servers == {healthy.host}
+    assert len(broken.generate_requests()) == 1  # one failure, then set aside for down_s
+    assert len(healthy.generate_requests()) == 10
+    assert [s.failed for s in backend.servers] == [1, 0]
+
+
+def test_a_slow_server_gets_fewer_requests(fake_ollama, tmp_path):
+    fast = fake_ollama(lambda path, body: Reply("Fast answer here."))
+    slow = fake_ollama(lambda path, body: Reply("Slow answer here.", delay_s=0.4))
+    backend = OllamaBackend(fast_config(f"{slow.host},{fast.host}", max_concurrency=1))
+    items = _items_of([f"Product number {i}" for i in range(20)])
+    with CallLog(tmp_path / "calls.duckdb") as call_log:
+        assert augment_items(items, backend, call_log).stats.ok == 20
+    assert len(slow.generate_requests()) <= 3 < len(fast.generate_requests())
+
+
+def test_servers_with_other_weights_are_refused_and_a_down_one_is_skipped_at_start(fake_ollama, tmp_path):
+    first, second = fake_ollama(echo_answer_paragraph), fake_ollama(echo_answer_paragraph)
+    second.digest = "sha256:fedcba9876543210"
+    with pytest.raises(ValueError, match="serve different weights for 'tiny:latest'.*pull the same model"):
+        OllamaBackend(fast_config(f"{first.host},{second.host}"))
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    backend = OllamaBackend(fast_config(f"{dead},{first.host}", max_retries=1))
+    with CallLog(tmp_path / "calls.duckdb") as call_log:
+        assert augment_items(_items_of(["Tea", "Pan"]), backend, call_log).stats.ok == 2
+    assert len(first.generate_requests()) == 2

@@ -42,7 +42,7 @@ _TABLE = "llm_calls"
 _PREFIXES = "llm_prompt_prefixes"
 _COLUMNS = (
     "key", "stage", "item_key", "backend", "model", "identity", "template_hash", "params", "prompt",
-    "prefix_hash", "raw_answer", "parsed", "status", "error", "attempts", "latency_s", "created_at",
+    "prefix_hash", "raw_answer", "parsed", "status", "error", "attempts", "latency_s", "created_at", "server",
 )
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS {_TABLE} (
@@ -62,7 +62,8 @@ CREATE TABLE IF NOT EXISTS {_TABLE} (
     error VARCHAR,                  -- why the last answer was rejected
     attempts INTEGER NOT NULL,      -- answers obtained (first + retries)
     latency_s DOUBLE NOT NULL,      -- LLM time over all attempts
-    created_at TIMESTAMP NOT NULL
+    created_at TIMESTAMP NOT NULL,
+    server VARCHAR                  -- the server that gave the last answer (Ollama); null when in-process or imported
 );
 -- The shared few-shot part of the prompts, stored once: with it a recorded call's key
 -- can be recomputed from its row (what ``cdsr llm-log import`` verifies).
@@ -72,6 +73,8 @@ CREATE TABLE IF NOT EXISTS {_PREFIXES} (
 );
 -- Logs written before prefixes were kept: their rows have no prefix_hash.
 ALTER TABLE {_TABLE} ADD COLUMN IF NOT EXISTS prefix_hash VARCHAR;
+-- Logs written before the server was recorded.
+ALTER TABLE {_TABLE} ADD COLUMN IF NOT EXISTS server VARCHAR;
 """
 
 
@@ -99,6 +102,7 @@ class CallRecord:
     error: str | None
     attempts: int
     latency_s: float
+    server: str | None = None  # the server of the last answer (not read back from the log)
 
 
 class CallLog:
@@ -163,7 +167,7 @@ class CallLog:
                 )
             self._con.executemany(
                 f"INSERT OR REPLACE INTO {_TABLE} ({', '.join(_COLUMNS)}) VALUES ({placeholders})",
-                [[row[column] for column in _COLUMNS] for row in rows],
+                [[row.get(column) for column in _COLUMNS] for row in rows],  # NOT NULL columns are checked by DuckDB
             )
             self._con.execute("COMMIT")
         except BaseException:
@@ -195,6 +199,7 @@ class LLMCall(Generic[Request]):
 class Answer:
     text: str
     latency_s: float
+    server: str | None = None  # which server answered (Ollama), for the call log
 
 
 @dataclass
@@ -242,7 +247,7 @@ def completion_answers(
 
     def execute(requests: Sequence[CompletionRequest]) -> Iterator[tuple[int, Answer]]:
         for index, completion in complete(requests):
-            yield index, Answer(completion.text, completion.latency_s)
+            yield index, Answer(completion.text, completion.latency_s, completion.server)
 
     return execute
 
@@ -338,6 +343,7 @@ def run_logged_calls(
             "attempts": record.attempts,
             "latency_s": record.latency_s,
             "created_at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+            "server": record.server,
         }
 
     with tqdm(total=len(missing), desc=f"LLM {stage}", unit="call", disable=not missing, leave=False) as bar:
@@ -406,6 +412,7 @@ def _record(key: str, call: LLMCall, answers: list[Answer], parsed: Any, error: 
         error=error,
         attempts=len(answers),
         latency_s=sum(a.latency_s for a in answers),
+        server=answers[-1].server,
     )
 
 

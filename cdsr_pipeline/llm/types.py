@@ -65,6 +65,7 @@ class Completion:
     finish_reason: str  # "stop" | "length"
     latency_s: float
     transport_attempts: int = 1  # HTTP attempts (Ollama retries); 1 for embedded
+    server: str | None = None  # the Ollama server that answered; None for embedded
 
 
 @dataclass(frozen=True)
