@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dagster as dg
 
+from .assets._stage import HEAVY_KINDS, HEAVY_TAG
 from .assets.training import OPTIONAL_TRAINING_ASSETS
 from .data.sources import source_files
 from .resources import DatasetSource, StorageResource
@@ -19,6 +20,25 @@ full_pipeline = dg.define_asset_job(
     selection=dg.AssetSelection.all() - dg.AssetSelection.assets(*OPTIONAL_TRAINING_ASSETS),
     description="Every stage, from the raw source to the evaluation report, and the default models (not the "
     "ablation tables nor the fused TEMA-LLM: select those by name). Unchanged stages reuse their artifacts.",
+)
+
+
+@dg.configured(dg.multiprocess_executor, config_schema={"max_concurrent": dg.Field(int, default_value=2)})
+def _side_by_side(config: dict) -> dict:
+    return {
+        "max_concurrent": config["max_concurrent"],
+        "tag_concurrency_limits": [{"key": HEAVY_TAG, "value": kind, "limit": 1} for kind in HEAVY_KINDS],
+    }
+
+
+parallel_pipeline = dg.define_asset_job(
+    "cdsr_parallel_pipeline",
+    selection=full_pipeline.selection,
+    executor_def=_side_by_side,
+    description="The full pipeline with independent stages side by side (each in its own process): e.g. the "
+    "text and image embeddings and SASRec while the LLM stages run; at most one LLM, one encoder and one "
+    "training stage at a time (op tag cdsr/heavy), max_concurrent (default 2) steps in all. The artifacts are "
+    "the same as the in-process job's.",
 )
 
 

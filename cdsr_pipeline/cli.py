@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -165,13 +166,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     with ArtifactStore(storage).lock("dagster_instance", f"cdsr run opening {home}", timeout=300):
         instance = dg.DagsterInstance.get()
         instance.get_runs(limit=1)  # the run storage's schema exists from here on
-    with instance:
-        result = job.execute_in_process(
-            run_config=_run_config(args),
-            instance=instance,
-            asset_selection=selection,
-            raise_on_error=False,
-        )
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(instance)
+        if args.parallel > 1:  # steps in their own processes, loaded again from the definitions module
+            from .definitions import parallel_pipeline_job
+
+            run_config = {**_run_config(args), "execution": {"config": {"max_concurrent": args.parallel}}}
+            result = stack.enter_context(
+                dg.execute_job(
+                    dg.reconstructable(parallel_pipeline_job),
+                    instance=instance,
+                    run_config=run_config,
+                    asset_selection=selection,
+                    raise_on_error=False,
+                )
+            )
+        else:
+            result = job.execute_in_process(
+                run_config=_run_config(args),
+                instance=instance,
+                asset_selection=selection,
+                raise_on_error=False,
+            )
     print()
     print(f"run {result.run_id} {'succeeded' if result.success else 'FAILED'} in {time.perf_counter() - started:.1f}s")
     for event in result.get_asset_materialization_events():
@@ -323,6 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--items-path", help="items file for the interactions format")
     run.add_argument("--storage", help="artifact root (default: $CDSR_STORAGE or ./storage)")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.add_argument(
+        "--parallel", type=int, default=1, metavar="N",
+        help="run up to N independent stages side by side, each in its own process (the job cdsr_parallel_pipeline; "
+        "at most one LLM, one encoder and one training stage at a time); default 1: one stage at a time, in process",
+    )
     run.set_defaults(func=cmd_run)
 
     stats = sub.add_parser("stats", help="split statistics of a source in the shape of the papers' Table 1")

@@ -23,6 +23,20 @@ import duckdb
 from cdsr_pipeline.storage import ArtifactStore
 
 
+TRAINING = "{epochs: 4, patience: 4, hidden_dim: 32, batch_size: 64, num_negatives: 50, num_threads: 1}"
+CHEAP_CONFIG = f"""
+ops:
+  sasrec_model: {{config: {TRAINING}}}
+  popularity_model: {{config: {TRAINING}}}
+"""
+"""Run config of the cheap selections of the demo (two small trainings)."""
+
+
+def demo_run_args(source: Path, assets: list[str], config: Path) -> list[str]:
+    return ["--select", ",".join(assets), "--source-format", "llmcdsr", "--source-path", str(source), "--domains", "Food,Kitchen",
+            "--config", str(config)]
+
+
 @dataclass
 class RunOutcome:
     returncode: int | None  # None: killed

@@ -20,7 +20,7 @@ import pytest
 from cdsr_pipeline.data.sample import SampleSize, cut_llmcdsr_sample
 from cdsr_pipeline.data.sources import demo_data_dir
 
-from fault_support import artifact_states, half_built_files, recorded_calls, run_and_maybe_kill
+from fault_support import CHEAP_CONFIG, artifact_states, demo_run_args, half_built_files, recorded_calls, run_and_maybe_kill
 
 pytestmark = pytest.mark.slow
 
@@ -28,12 +28,6 @@ SEEDS = [int(seed) for seed in os.environ.get("CDSR_KILL_SEEDS", "0").split(",")
 # The stages in the order a run builds them; one kill in each, in turn, on one storage.
 KILLED_STAGES = ["raw_interactions", "cdsr_sequences", "item_text_embeddings", "sasrec_model", "evaluation_report"]
 CHEAP_ASSETS = KILLED_STAGES + ["popularity_model"]
-TRAINING = "{epochs: 4, patience: 4, hidden_dim: 32, batch_size: 64, num_negatives: 50, num_threads: 1}"
-CHEAP_CONFIG = f"""
-ops:
-  sasrec_model: {{config: {TRAINING}}}
-  popularity_model: {{config: {TRAINING}}}
-"""
 LLM_ASSETS = ["raw_interactions", "cdsr_sequences", "llm_augmented_text"]
 LLM_CONFIG = """
 ops:
@@ -43,11 +37,6 @@ resources:
 """
 
 
-def _args(source: Path, assets: list[str], config: Path) -> list[str]:
-    return ["--select", ",".join(assets), "--source-format", "llmcdsr", "--source-path", str(source), "--domains", "Food,Kitchen",
-            "--config", str(config)]
-
-
 @pytest.fixture(scope="module")
 def cheap_reference(tmp_path_factory):
     work = tmp_path_factory.mktemp("killed-cheap")
@@ -55,7 +44,7 @@ def cheap_reference(tmp_path_factory):
     shutil.copytree(demo_data_dir(), source, ignore=shutil.ignore_patterns("SOURCE.md"))
     config = work / "config.yaml"
     config.write_text(CHEAP_CONFIG)
-    args = _args(source, CHEAP_ASSETS, config)
+    args = demo_run_args(source, CHEAP_ASSETS, config)
     reference = run_and_maybe_kill(work / "reference", args)
     assert reference.returncode == 0, reference.output
     return work, args, reference, artifact_states(work / "reference", CHEAP_ASSETS)
@@ -86,7 +75,7 @@ def test_an_llm_stage_killed_mid_way_resumes_without_asking_a_recorded_call_agai
     cut_llmcdsr_sample(demo_data_dir(), source, size)
     config = tmp_path / "config.yaml"
     config.write_text(LLM_CONFIG)
-    args = _args(source, LLM_ASSETS, config)
+    args = demo_run_args(source, LLM_ASSETS, config)
     reference = run_and_maybe_kill(tmp_path / "reference", args)
     assert reference.returncode == 0, reference.output
     expected_calls = recorded_calls(tmp_path / "reference")

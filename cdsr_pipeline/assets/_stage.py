@@ -20,6 +20,12 @@ import dagster as dg
 from ..storage import ArtifactStore, Manifest, input_fingerprint
 
 
+HEAVY_TAG = "cdsr/heavy"
+"""Op tag of the stages that load every core or have one writer (``llm``: the call log;
+``encoder``; ``training``): the parallel job runs at most one stage of each kind at once."""
+HEAVY_KINDS = ("llm", "encoder", "training")
+
+
 def upstream_names(context: dg.AssetExecutionContext) -> list[str]:
     """Names of the assets this asset depends on (its ``deps``)."""
     return sorted(key.path[-1] for key in context.assets_def.asset_deps[context.asset_key])

@@ -11,13 +11,14 @@ from ..features.encoders import load_image_encoder, load_text_encoder
 from ..features.images import ImageFetchConfig, ImageFetcher
 from ..resources import ImageEncoderResource, StorageResource, TextEncoderResource
 from ..storage import write_parquet_atomic
-from ._stage import run_stage
+from ._stage import HEAVY_TAG, run_stage
 
 EMBEDDINGS_FILE = "embeddings.parquet"
 ISSUES_FILE = "image_issues.parquet"
 
 
 @dg.asset(
+    op_tags={HEAVY_TAG: "encoder"},
     deps=["cdsr_sequences"],
     group_name="features",
     code_version="1",
@@ -54,6 +55,7 @@ class ImageFetchSettings(dg.Config):
 
 
 @dg.asset(
+    op_tags={HEAVY_TAG: "encoder"},
     deps=["cdsr_sequences"],
     group_name="features",
     code_version="1",

@@ -38,7 +38,7 @@ from ..llm import (
 )
 from ..resources import LLMResource, StorageResource, TextEncoderResource
 from ..storage import ArtifactStore, write_parquet_atomic
-from ._stage import run_stage
+from ._stage import HEAVY_TAG, run_stage
 from .features import EMBEDDINGS_FILE
 
 AUGMENTED_FILE = "augmented_text.parquet"
@@ -101,6 +101,7 @@ class AugmentationSettings(dg.Config):
 
 
 @dg.asset(
+    op_tags={HEAVY_TAG: "llm"},
     deps=["cdsr_sequences"],
     group_name="llm",
     code_version="1",
@@ -127,6 +128,7 @@ def augmentation_failures_within_limit(storage: StorageResource, config: LLMFail
 
 
 @dg.asset(
+    op_tags={HEAVY_TAG: "encoder"},
     deps=["llm_augmented_text", "cdsr_sequences"],
     group_name="llm",
     code_version="1",
@@ -170,6 +172,7 @@ class VocabularySettings(dg.Config):
 
 
 @dg.asset(
+    op_tags={HEAVY_TAG: "llm"},
     deps=["cdsr_sequences"],
     group_name="llm",
     code_version="1",
@@ -212,6 +215,7 @@ class TagScoringSettings(dg.Config):
 
 
 @dg.asset(
+    op_tags={HEAVY_TAG: "llm"},
     deps=["cdsr_sequences", "domain_tag_vocabularies"],
     group_name="llm",
     code_version="1",

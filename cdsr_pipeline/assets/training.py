@@ -32,7 +32,7 @@ from ..model.runs import RunSpec, plan_runs
 from ..model.trainer import run_identity, run_precision
 from ..resources import StorageResource
 from ..storage import ArtifactStore, MissingArtifactError, stable_hash
-from ._stage import DeclaredInputs, run_stage
+from ._stage import HEAVY_TAG, DeclaredInputs, run_stage
 from .features import EMBEDDINGS_FILE
 from .llm import VOCABULARY_FILE, matrix_file
 
@@ -317,6 +317,7 @@ OPTIONAL_TRAINING_ASSETS = tuple(t.name for t in TRAINING_ASSETS if not t.in_ful
 def _training_asset(spec: TrainingAsset) -> dg.AssetsDefinition:
     @dg.asset(
         name=spec.name,
+        op_tags={HEAVY_TAG: "training"},
         deps=spec.deps(),
         group_name="ablations" if spec.ablation else "training",
         code_version="1",
