@@ -82,6 +82,10 @@ class TrainingSettings(dg.Config):
         default=TrainConfig.precision,
         description="auto (bf16 where the device multiplies bf16 natively, else fp32), fp32 or bf16: the training step's matrix products.",
     )
+    processes: int = Field(
+        default=TrainConfig.processes,
+        description="Data-parallel processes (torchrun, DistributedDataParallel; gloo on CPU, nccl on CUDA), each with a share of every batch.",
+    )
 
     def train_config(self, spec: RunSpec, train_user_domains: tuple[str, ...] | None = None) -> TrainConfig:
         model = spec.model
@@ -114,6 +118,7 @@ class TrainingSettings(dg.Config):
             device=self.device,
             num_threads=self.num_threads,
             precision=self.precision,
+            processes=self.processes,
         )
 
     def run_configs(self, specs: list[RunSpec]) -> list[TrainConfig]:

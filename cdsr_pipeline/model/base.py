@@ -39,6 +39,10 @@ class Recommender(nn.Module, ABC):
     def calculate_loss(self, batch: Batch) -> torch.Tensor:
         """Mean training loss over the batch's examples (a scalar)."""
 
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """The training loss: what the trainer (and DistributedDataParallel) calls."""
+        return self.calculate_loss(batch)
+
     @abstractmethod
     def full_sort_predict(self, batch: Batch) -> torch.Tensor:
         """[E, N_D] scores of every item of the batch's target domain D (higher = better)."""

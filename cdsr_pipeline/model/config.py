@@ -163,6 +163,11 @@ class TrainConfig:
             AVX-512 BF16 or AMX), fp32 elsewhere. The precision used is part of the
             run's identity (:func:`cdsr_pipeline.model.trainer.resolve_precision`).
         progress: tqdm progress bars.
+        processes: data-parallel training processes (torchrun + DistributedDataParallel,
+            :mod:`cdsr_pipeline.model.distributed`): each takes a share of every batch,
+            so the epochs are those of one process up to the order of floating-point
+            sums (and the dropout masks). 1: this process alone. Part of the identity
+            when above 1.
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -184,6 +189,7 @@ class TrainConfig:
     num_threads: int | None = None
     precision: Precision = "auto"
     progress: bool = True
+    processes: int = 1
 
     def __post_init__(self) -> None:
         if self.max_len < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
@@ -196,6 +202,8 @@ class TrainConfig:
             )
         if self.num_negatives < 1:
             raise ValueError("num_negatives must be >= 1")
+        if self.processes < 1:
+            raise ValueError(f"processes must be >= 1, got {self.processes}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
@@ -214,7 +222,7 @@ class TrainConfig:
         identity of every fp32 run from before precision was configurable).
         """
         fields = config_to_dict(self)
-        for key in ("epochs", "patience", "device", "num_threads", "precision", "progress", "name", "ablation_group"):
+        for key in ("epochs", "patience", "device", "num_threads", "precision", "progress", "name", "ablation_group", "processes"):
             fields.pop(key)
         return stable_hash(fields)
 
@@ -222,7 +230,7 @@ class TrainConfig:
         """The identity of runs trained before ``patience`` became extendable (it was
         part of it): such run folders and checkpoints are still found and resumed."""
         fields = config_to_dict(self)
-        for key in ("epochs", "device", "num_threads", "precision", "progress", "name", "ablation_group"):
+        for key in ("epochs", "device", "num_threads", "precision", "progress", "name", "ablation_group", "processes"):
             fields.pop(key)
         return stable_hash(fields)
 

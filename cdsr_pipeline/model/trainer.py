@@ -50,6 +50,7 @@ from ..data.sequences import DOMAINS_FILE, split_file
 from ..errors import UserInputError
 from ..hardware import cpu_model, resolve_precision
 from ..storage import atomic_write_text, sha256_file, stable_hash, temp_file_beside, write_parquet_atomic
+from . import distributed
 from .base import Recommender
 from .build import build_model
 from .config import TrainConfig, config_to_dict, train_config_from_dict
@@ -134,9 +135,12 @@ def run_identity(config: TrainConfig, precision: str) -> str:
     """The part of a run's identity that its config gives: :meth:`TrainConfig.identity_hash`,
     with the resolved precision when it is not fp32 (fp32 runs keep the identity they
     had before precision was configurable)."""
-    if precision == "fp32":
+    extra = {"precision": precision} if precision != "fp32" else {}
+    if config.processes > 1:  # a data-parallel run sums its gradients in another order
+        extra["processes"] = config.processes
+    if not extra:
         return config.identity_hash()
-    return stable_hash({"config": config.identity_hash(), "precision": precision})
+    return stable_hash({"config": config.identity_hash(), **extra})
 
 
 # glibc mallopt parameters (malloc.h)
@@ -261,7 +265,13 @@ def train_model(sequences_dir: Path, features: FeatureInputs, config: TrainConfi
     """
     sequences_dir, out_dir = Path(sequences_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    group = distributed.current_group()
+    if config.processes > 1 and group is None and config.model.architecture == "sequential":
+        return distributed.launch(sequences_dir, features, config, out_dir)
+    main = group is None or group.is_main  # the process that evaluates and writes the run's files
     device = resolve_device(config.device)
+    if device.type == "cuda" and group is not None and device.index is None:
+        device = torch.device("cuda", group.local_rank)
     if device.type == "cpu":
         keep_freed_memory_for_reuse()
     if config.num_threads:
@@ -271,21 +281,22 @@ def train_model(sequences_dir: Path, features: FeatureInputs, config: TrainConfi
     model = _build(config, sequences_dir, features, data.domains).to(device)
     digest = inputs_digest(sequences_dir, features)  # hashes every input file: once per run
     identity = stable_hash({"config": run_identity(config, precision), "inputs": digest})
-    atomic_write_text(
-        out_dir / CONFIG_FILE,
-        json.dumps(
-            {
-                "train_config": config_to_dict(config),
-                "identity": identity,
-                "features": features.to_dict(),
-                "model_summary": model.summary,
-                "notes": model.notes,
-                "sequences_dir": str(sequences_dir),
-                "precision": precision,
-            },
-            indent=2,
-        ),
-    )
+    if main:
+        atomic_write_text(
+            out_dir / CONFIG_FILE,
+            json.dumps(
+                {
+                    "train_config": config_to_dict(config),
+                    "identity": identity,
+                    "features": features.to_dict(),
+                    "model_summary": model.summary,
+                    "notes": model.notes,
+                    "sequences_dir": str(sequences_dir),
+                    "precision": precision,
+                },
+                indent=2,
+            ),
+        )
     optimizer = (
         torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
         if model.trainable
@@ -301,9 +312,14 @@ def train_model(sequences_dir: Path, features: FeatureInputs, config: TrainConfi
         except CheckpointError as error:
             # the run is rebuilt from epoch 1 (deterministic: the same result); the
             # refused file is kept beside it for whoever wants to look at it
-            rejected = last_path.with_suffix(".pt.rejected")
-            os.replace(last_path, rejected)
-            log.warning("%s; moved to %s, training from the start", error, rejected.name)
+            if main:
+                rejected = last_path.with_suffix(".pt.rejected")
+                os.replace(last_path, rejected)
+                log.warning("%s; moved to %s, training from the start", error, rejected.name)
+    if group is not None:  # every process resumes from the same epoch (rank 0 may have refused the file)
+        resumed_after = group.from_main(checkpoint["early_stopping"]["epoch"] if checkpoint is not None else None)
+        if resumed_after is None or checkpoint is None or checkpoint["early_stopping"]["epoch"] != resumed_after:
+            checkpoint = None
     if checkpoint is not None:
         legacy = stable_hash({"config": config.legacy_identity_hash(), "inputs": digest})
         if precision == "fp32" and checkpoint.get("identity") == legacy:
@@ -318,6 +334,8 @@ def train_model(sequences_dir: Path, features: FeatureInputs, config: TrainConfi
         log.info("%s: resuming after epoch %d", config.label, state["epoch"])
 
     selection = f"valid_{config.selection_protocol}_mean_mrr"
+    # under torchrun: DistributedDataParallel (its construction gives every process rank 0's weights)
+    stepped = distributed.wrap(model, group, device) if group is not None and model.trainable else model
     last_epoch = config.epochs if model.trainable else 0
     first = state["epoch"] + 1 if history else (1 if model.trainable else 0)
     for epoch in range(first, last_epoch + 1):
@@ -325,28 +343,34 @@ def train_model(sequences_dir: Path, features: FeatureInputs, config: TrainConfi
             break
         started = time.perf_counter()
         loss, examples = (
-            _train_epoch(model, optimizer, data, config, epoch, device, precision)
+            _train_epoch(stepped, optimizer, data, config, epoch, device, precision, group)
             if model.trainable
             else (math.nan, 0)
         )
         trained = time.perf_counter()
         row: dict[str, Any] = {"epoch": epoch, "train_loss": loss, "train_examples": examples}
-        for split in (data.valid, data.test):
-            split_metrics = evaluate(model, split, data.domains, device, config.eval_batch_size, config.progress)
-            row.update(flatten_metrics(split.name, split_metrics))
+        if main:
+            for split in (data.valid, data.test):
+                split_metrics = evaluate(model, split, data.domains, device, config.eval_batch_size, config.progress)
+                row.update(flatten_metrics(split.name, split_metrics))
         finished = time.perf_counter()
         row.update(train_seconds=trained - started, eval_seconds=finished - trained, epoch_seconds=finished - started)
+        if group is not None:  # the epoch as rank 0 evaluated it: every process takes the same decisions
+            row = group.from_main(row)
         history.append(row)
         state["epoch"] = epoch
         if row[selection] > state["best_value"]:
             state.update(best_value=row[selection], best_epoch=epoch, bad_epochs=0)
-            _save_atomic(
-                {"format": CHECKPOINT_FORMAT, "identity": identity, "epoch": epoch, "model": model.state_dict()},
-                out_dir / BEST_CHECKPOINT,
-            )
+            if main:
+                _save_atomic(
+                    {"format": CHECKPOINT_FORMAT, "identity": identity, "epoch": epoch, "model": model.state_dict()},
+                    out_dir / BEST_CHECKPOINT,
+                )
         else:
             state["bad_epochs"] += 1
             state["stopped"] = state["bad_epochs"] >= config.patience
+        if not main:
+            continue
         _save_atomic(
             {
                 "format": CHECKPOINT_FORMAT,
@@ -397,7 +421,9 @@ def train_model(sequences_dir: Path, features: FeatureInputs, config: TrainConfi
             "test_digest": negatives_digest(data.test.negatives),
         },
     )
-    atomic_write_text(out_dir / METRICS_FILE, json.dumps(metrics, indent=2))
+    metrics["processes"] = group.world if group is not None else 1
+    if main:
+        atomic_write_text(out_dir / METRICS_FILE, json.dumps(metrics, indent=2))
     return TrainResult(out_dir, config, metrics)
 
 
@@ -440,16 +466,22 @@ def hardware_summary(device: torch.device) -> dict[str, Any]:
 
 
 def _train_epoch(
-    model: Recommender,
+    model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     data: _RunData,
     config: TrainConfig,
     epoch: int,
     device: torch.device,
     precision: str,
+    group: distributed.ProcessGroup | None = None,
 ) -> tuple[float, int]:
-    """One pass over the training rows; returns (mean loss per example, examples)."""
+    """One pass over the training rows; returns (mean loss per example, examples).
+
+    ``model``: the recommender, or its DistributedDataParallel wrapper under torchrun
+    (``group``): each process then takes its share of every batch, and its loss is
+    weighted by that share so that the averaged gradient is the whole batch's."""
     model.train()
+    views = model.module.views if group is not None else model.views
     torch.manual_seed(_epoch_seed(config.seed, epoch))
     rng = np.random.default_rng([config.seed, epoch])
     batches = training_batches(len(data.train), data.train.lengths, config.batch_size, rng)
@@ -458,15 +490,26 @@ def _train_epoch(
         batches, desc=f"{config.label} epoch {epoch}", leave=False, disable=not config.progress, mininterval=2.0
     )
     for rows in progress:
-        batch = make_batch(data.train, rows, data.domains, model.views).to(device)
+        counts = True
+        if group is not None:
+            rows, counts = group.share(rows)
+        batch = make_batch(data.train, rows, data.domains, views).to(device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = model.calculate_loss(batch)
+            loss = model(batch)  # Recommender.forward: the mean training loss
+        own = batch.num_examples if counts else 0
+        step_loss = loss
+        if group is not None:
+            (everyone,) = group.sum(own)
+            step_loss = loss * (own * group.world / everyone)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        step_loss.backward()
         optimizer.step()
-        total += loss.item() * batch.num_examples
-        examples += batch.num_examples
-        progress.set_postfix(loss=f"{total / examples:.4f}", refresh=False)
+        total += loss.item() * own
+        examples += own
+        progress.set_postfix(loss=f"{total / max(examples, 1):.4f}", refresh=False)
+    if group is not None:
+        total, examples = group.sum(total, examples)
+        examples = int(examples)
     return total / max(examples, 1), examples
 
 
