@@ -30,7 +30,7 @@ from cdsr_pipeline.llm.tag_matrix import (
     tag_informativeness,
     variant_name,
 )
-from cdsr_pipeline.llm.tag_scoring import TagScoringConfig, TextEncoder, score_item_tags
+from cdsr_pipeline.llm.tag_scoring import TagScoringConfig, score_item_tags
 from cdsr_pipeline.llm.vocabulary import (
     VocabularyConfig,
     VocabularyError,
@@ -60,7 +60,6 @@ __all__ = [
     "StageResult",
     "TagMatrixConfig",
     "TagScoringConfig",
-    "TextEncoder",
     "VocabularyConfig",
     "VocabularyError",
     "VocabularyResult",

@@ -30,7 +30,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -51,17 +51,10 @@ from cdsr_pipeline.llm.calllog import (
 from cdsr_pipeline.llm.prompts import TAG_CHOICE, TAG_CHOICE_TERMINATOR, TAG_RATING, quote, rating_schema
 from cdsr_pipeline.llm.types import CompletionRequest, ContinuationRequest, Prompt
 
+if TYPE_CHECKING:  # the one text-encoder protocol (the candidate prefilter needs identity and encode_texts)
+    from cdsr_pipeline.features.encoders import TextEncoder
+
 STAGE = "item_tag_scores"
-
-
-class TextEncoder(Protocol):
-    """What the candidate prefilter needs from a text encoder (see ``features.encoders``)."""
-
-    identity: Mapping[str, Any]
-
-    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """float32 array, one L2-normalized row per text."""
-        ...
 
 
 @dataclass

@@ -4,7 +4,7 @@ Everything a run depends on besides its input tables is a field here, so a confi
 serialises to JSON (:func:`config_to_dict`) and back (:func:`train_config_from_dict`);
 its hash (with the inputs' digest) identifies a run for resuming.
 
-Interpretation decisions (SPEC.md "Model" leaves these open; see also
+Interpretation decisions (docs/SPEC.md "Model" leaves these open; see also
 :mod:`cdsr_pipeline.model.sequential`):
 
 - **tex(+llm) is one modality.** SPEC counts 3 modalities for LLM-EMF (9 vectors) and

@@ -1,4 +1,4 @@
-"""Evaluation under both protocols of SPEC.md "Evaluation", per target domain.
+"""Evaluation under both protocols of docs/SPEC.md "Evaluation", per target domain.
 
 - ``sampled`` (the papers' tables, C2DSR reference code): the target against
   ``num_negatives`` (999) items drawn uniformly WITH replacement from the target's own

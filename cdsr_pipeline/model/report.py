@@ -41,7 +41,7 @@ def protocol_label(protocol: str, negatives: int) -> str:
     papers = " (papers' protocol)" if negatives == PAPERS_NEGATIVES else f" (the papers use {PAPERS_NEGATIVES})"
     return f"{negatives} sampled negatives{papers}"
 
-# SPEC.md "Papers' headline numbers" (%): LLM-EMF Tables 2-3, TEMA-LLM Tables II-III.
+# docs/SPEC.md "Papers' headline numbers" (%): LLM-EMF Tables 2-3, TEMA-LLM Tables II-III.
 PAPERS_SOURCE = (
     "LLM-EMF Tables 2-3 and TEMA-LLM Tables II-III: C2DSR split (Food 29,207 / Kitchen 34,886 items; "
     "Movie 36,845 / Book 63,937), 999 sampled negatives, each domain at its best validation epoch"
