@@ -185,7 +185,7 @@ def ingest_llmcdsr(folder: Path, out_dir: Path, domain_names: tuple[str, str] | 
             .when(pl.col("item_ids").list.len() < (2 if split != "train" else 1))
             .then(pl.lit("too_short"))
         )
-        if user_domains in ("A", "B"):
+        if user_domains in schema.DOMAINS:
             outside = (pl.element() >= n_a) if user_domains == "A" else (pl.element() < n_a)
             reasons = reasons.when(pl.col("item_ids").list.eval(outside).list.any()).then(pl.lit("domain_mismatch"))
         parsed = parsed.with_columns(reasons.otherwise(None).alias("reason"))
@@ -302,7 +302,7 @@ def ingest_c2dsr(folder: Path, out_dir: Path, domain_names: tuple[str, str] | No
     collect = _Collector("c2dsr", folder, names)
 
     lists = []
-    for letter in ("A", "B"):
+    for letter in schema.DOMAINS:
         path = collect.required(f"{letter}list.txt", f"item list of domain {letter}")
         lines = _read_lines(path)
         fields = lines.with_columns(

@@ -375,7 +375,7 @@ def split_statistics(sequences_dir: Path, *, protocol: str, notes: list[str] | N
         "domains": {},
         "notes": list(notes or []),
     }
-    for letter in ("A", "B"):
+    for letter in schema.DOMAINS:
         counts = {"name": domains[letter]["name"], "items": domains[letter]["num_items"]}
         for split in ("valid", "test"):
             counts[split] = int((frames[split]["target_domain"] == letter).sum())
@@ -391,7 +391,7 @@ def format_statistics(stats: dict) -> str:
     header = f"{'Domain':<10}{'#Items':>10}{'#Train':>10}{'#Valid':>9}{'#Test':>9}{'Avg.length':>12}"
     lines = [f"Dataset: {stats['dataset']}  ({stats['protocol']})", header, "-" * len(header)]
     avg = f"{stats['avg_length']:.2f}" if stats["avg_length"] is not None else "-"
-    for index, letter in enumerate(("A", "B")):
+    for index, letter in enumerate(schema.DOMAINS):
         d = stats["domains"][letter]
         lines.append(
             f"{d['name']:<10}{d['items']:>10,}{(train if index == 0 else ''):>10}"

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from . import schema
 from .ingest import IngestReport, SourceError
 
 FORMATS = ("amazon2014", "amazon2018", "amazon2023", "interactions", "c2dsr", "llmcdsr")
@@ -101,7 +102,7 @@ def source_files(spec: SourceSpec) -> list[Path]:
     from .amazon import discover_amazon_files
 
     reviews, meta, _ = discover_amazon_files(spec.format, spec.path, spec.domains)
-    return [p for letter in ("A", "B") for p in (reviews[letter], meta.get(letter)) if p is not None]
+    return [p for letter in schema.DOMAINS for p in (reviews[letter], meta.get(letter)) if p is not None]
 
 
 def ingest_source(spec: SourceSpec, out_dir: Path, temp_dir: Path | None = None) -> IngestReport:

@@ -22,12 +22,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..data.schema import DOMAINS
 from .base import Recommender
 from .data import Domains, SequenceArrays, evaluation_batches, make_batch
 from .metrics import METRICS, summarize, target_ranks
 
 PROTOCOLS = ("sampled", "full")
-DOMAIN_KEYS = ("A", "B")
+DOMAIN_KEYS = DOMAINS  # the one domain-key constant (data.schema)
 _SPLIT_STREAMS = {"valid": 1, "test": 2}
 
 

@@ -23,6 +23,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import torch
 
+from ..data.schema import DOMAINS
 from ..errors import UserInputError
 from .config import train_config_from_dict
 from .data import Domains, FeatureInputs, SequenceArrays, make_batch
@@ -106,7 +107,7 @@ class LoadedRun:
 
     def domain_index(self, domain: str | int) -> int:
         text = str(domain).strip()
-        for index, (key, name) in enumerate(zip(("A", "B"), self.domains.names, strict=True)):
+        for index, (key, name) in enumerate(zip(DOMAINS, self.domains.names, strict=True)):
             if text in (key, str(index), name) or text.lower() == name.lower():
                 return index
         raise RecommendError(f"unknown domain {text!r}; use A, B, {self.domains.names[0]!r} or {self.domains.names[1]!r}")
