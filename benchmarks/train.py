@@ -281,6 +281,36 @@ def _child(model_name: str, sequences: Path, features: FeatureInputs, args: argp
     return asdict(measure(model_name, sequences, features, args))
 
 
+def measure_processes(model_name: str, sequences: Path, features: FeatureInputs, args: argparse.Namespace) -> None:
+    """One epoch of :func:`train_model` in one process, then in ``args.nproc`` processes
+    (each with its share of the cores): the data-parallel path's cost and scaling here."""
+    import shutil
+
+    from cdsr_pipeline.model import train_model
+
+    cores = os.cpu_count() or 1
+    times = {}
+    for processes in (1, args.nproc):
+        threads = args.threads or max(1, cores // processes)
+        out = args.work / f"nproc-{model_name}-{processes}"
+        shutil.rmtree(out, ignore_errors=True)
+        config = TrainConfig(
+            model=PRESETS[model_name], name=model_name, epochs=1, num_threads=threads, precision=args.precision,
+            device=args.device, processes=processes, progress=False,
+        )
+        started = time.perf_counter()
+        result = train_model(sequences, features, config, out)
+        wall = time.perf_counter() - started
+        epoch = result.epochs().row(0, named=True)
+        times[processes] = epoch["train_seconds"]
+        print(
+            f"{model_name}: {processes} process(es) x {threads} thread(s): training {epoch['train_seconds']:.0f} s, "
+            f"evaluation {epoch['eval_seconds']:.0f} s (rank 0), wall {wall:.0f} s with start-up; "
+            f"valid sampled mean MRR {epoch['valid_sampled_mean_mrr']:.4f}"
+        )
+    print(f"{model_name}: {args.nproc} processes train the epoch {times[1] / times[args.nproc]:.2f}x as fast as 1 on {cores} cores")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--release", type=Path, default=RELEASE, help="LLMCDSR Food-Kitchen release folder")
@@ -300,6 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--progress", action="store_true", help="print throughput after every batch")
     parser.add_argument("--json", type=Path, help="also write the measurements here")
+    parser.add_argument(
+        "--nproc", type=int,
+        help="instead: one epoch of train_model in 1 process and in NPROC data-parallel processes (torchrun, DDP), "
+        "with the cores shared between them; prints the epoch times and the scaling",
+    )
     args = parser.parse_args(argv)
 
     if not args.release.is_dir():
@@ -320,6 +355,10 @@ def main(argv: list[str] | None = None) -> int:
         f"CUDA {'available: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}, "
         f"load average at start {os.getloadavg()[0]:.2f}"
     )
+    if args.nproc:
+        for name in args.models:
+            measure_processes(name, sequences, features, args)
+        return 0
     results = []
     for name in args.models:
         with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
