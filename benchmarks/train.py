@@ -48,6 +48,7 @@ import torch
 from cdsr_pipeline.data import schema
 from cdsr_pipeline.data.releases import ingest_llmcdsr
 from cdsr_pipeline.data.sequences import build_sequences, format_statistics
+from cdsr_pipeline.hardware import matmul_peak_gflops
 from cdsr_pipeline.model import PRESETS, FeatureInputs, TrainConfig
 from cdsr_pipeline.model.build import build_model
 from cdsr_pipeline.model.data import (
@@ -260,21 +261,10 @@ def measure(model_name: str, sequences: Path, features: FeatureInputs, args: arg
 
 
 def matmul_peak(device: torch.device, precision: str, hidden: int, candidates: int, queries: int = 4096) -> float:
-    """GFLOP/s of this machine's best matrix product at the training's hot shape
-    ([candidates, hidden] x [hidden, queries], the larger domain's logits) in the
-    precision the training ran in, same threads: the limit the scoring rate is held to."""
+    """The matrix-product peak at the training's hot shape ([candidates, hidden] x
+    [hidden, queries], the larger domain's logits) in the training's precision."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a = torch.randn(candidates, hidden, device=device, dtype=dtype)
-    b = torch.randn(queries, hidden, device=device, dtype=dtype)
-    out = torch.empty(candidates, queries, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(4):  # the first also pages the output in
-        started = time.perf_counter()
-        torch.mm(a, b.t(), out=out)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - started)
-    return 2 * candidates * hidden * queries / best / 1e9
+    return matmul_peak_gflops(device, dtype, candidates, hidden, queries)
 
 
 def _child(model_name: str, sequences: Path, features: FeatureInputs, args: argparse.Namespace) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -47,3 +48,20 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "bf16" and not fast:
         raise ValueError(f"precision bf16: {device} has no native bf16 arithmetic (use precision auto or fp32)")
     return "bf16" if fast else "fp32"
+
+
+def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, rows: int, inner: int, cols: int, repeats: int = 4) -> float:
+    """GFLOP/s of this machine's best ``[rows, inner] x [inner, cols]`` matrix product in
+    ``dtype`` with the current threads: the limit a stage's hot loop is compared with
+    (the benchmarks measure it in their own process, at their own shapes)."""
+    a = torch.randn(rows, inner, device=device, dtype=dtype)
+    b = torch.randn(cols, inner, device=device, dtype=dtype)
+    out = torch.empty(rows, cols, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats):  # the first also pages the output in
+        started = time.perf_counter()
+        torch.mm(a, b.t(), out=out)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - started)
+    return 2 * rows * inner * cols / best / 1e9
