@@ -14,6 +14,7 @@ from ..data.sources import ingest_source, source_files
 from ..data.validation import CheckOutcome, check_contiguous_ids, check_minimums, check_no_leakage
 from ..resources import DatasetSource, StorageResource
 from ..storage import atomic_write_text
+from ._config import dagster_config
 from ._stage import run_stage
 
 SOURCE_REPORT = "source.json"
@@ -76,15 +77,9 @@ def quarantine_share_within_limit(storage: StorageResource, config: QuarantineLi
     )
 
 
-class SequencesConfig(dg.Config):
-    """Raw-data preparation thresholds (LLM-EMF §4 defaults). Released splits are kept exactly."""
-
-    min_user_interactions: int = Field(default=10, description="Drop users with fewer interactions (both domains).")
-    min_item_interactions: int = Field(default=10, description="Drop items with fewer interactions.")
-    min_items_per_domain: int = Field(default=3, description="Keep users with at least this many items in each domain.")
-
-    def filter_config(self) -> FilterConfig:
-        return FilterConfig(**self.model_dump())
+SequencesSettings = dagster_config(
+    FilterConfig, "SequencesSettings", "Raw-data preparation thresholds (LLM-EMF §4 defaults). Released splits are kept exactly."
+)
 
 
 @dg.asset(
@@ -95,7 +90,7 @@ class SequencesConfig(dg.Config):
     description="Users active in both domains, filtered and split chronologically; global item ids "
     "(domain A first); items, train/valid/test sequences and the Table 1 statistics.",
 )
-def cdsr_sequences(context: dg.AssetExecutionContext, config: SequencesConfig, storage: StorageResource) -> dg.MaterializeResult:
+def cdsr_sequences(context: dg.AssetExecutionContext, config: SequencesSettings, storage: StorageResource) -> dg.MaterializeResult:
     store = storage.store()
     source_dir = store.asset_dir("raw_interactions")
 
@@ -106,7 +101,7 @@ def cdsr_sequences(context: dg.AssetExecutionContext, config: SequencesConfig, s
             folder,
             dataset=report["dataset"],
             domain_names=tuple(report["domain_names"]),
-            config=config.filter_config(),
+            config=FilterConfig(**config.model_dump()),
             temp_dir=store.cache_dir("duckdb_tmp"),
             notes=report["notes"],
         )

@@ -38,6 +38,7 @@ from ..llm import (
 )
 from ..resources import LLMResource, StorageResource, TextEncoderResource
 from ..storage import ArtifactStore, write_parquet_atomic
+from ._config import dagster_config
 from ._stage import HEAVY_TAG, run_stage
 from .features import EMBEDDINGS_FILE
 
@@ -88,16 +89,9 @@ def _failure_check(store: ArtifactStore, asset: str, limit: float) -> dg.AssetCh
 # -- LLM-EMF: augmented text ---------------------------------------------------------
 
 
-class AugmentationSettings(dg.Config):
-    """LLM-EMF §3.3: the SPEC's prompt per item; the answer is encoded like E_tex."""
-
-    max_tokens: int = Field(default=AugmentationConfig.max_tokens, description="Answer length bound (tokens).")
-    temperature: float = Field(default=AugmentationConfig.temperature)
-    seed: int = Field(default=AugmentationConfig.seed, description="Retry n uses seed + n.")
-    repeat_penalty: float = Field(default=AugmentationConfig.repeat_penalty)
-    max_attempts: int = Field(default=AugmentationConfig.max_attempts, description="Answers per item before it fails.")
-    max_title_chars: int = Field(default=AugmentationConfig.max_title_chars)
-    min_words: int = Field(default=AugmentationConfig.min_words, description="A shorter answer is rejected.")
+AugmentationSettings = dagster_config(
+    AugmentationConfig, "AugmentationSettings", "LLM-EMF §3.3: the SPEC's prompt per item; the answer is encoded like E_tex."
+)
 
 
 @dg.asset(
@@ -159,16 +153,9 @@ def item_llm_text_embeddings(
 # -- TEMA-LLM: tags ----------------------------------------------------------------
 
 
-class VocabularySettings(dg.Config):
-    """TEMA Alg. 1: R queries per domain at temperature 0 (seed varies), frequency voting."""
-
-    tags_per_domain: int = Field(default=VocabularyConfig.tags_per_domain, description="N: tags asked for, and kept at most.")
-    queries: int = Field(default=VocabularyConfig.queries, description="R: queries per domain.")
-    temperature: float = Field(default=VocabularyConfig.temperature)
-    seed: int = Field(default=VocabularyConfig.seed, description="Query r uses seed + r.")
-    repeat_penalty: float = Field(default=VocabularyConfig.repeat_penalty)
-    max_attempts: int = Field(default=VocabularyConfig.max_attempts)
-    min_valid_tags: int | None = Field(default=None, description="Usable tags an answer needs; empty: N // 4.")
+VocabularySettings = dagster_config(
+    VocabularyConfig, "VocabularySettings", "TEMA Alg. 1: R queries per domain at temperature 0 (seed varies), frequency voting."
+)
 
 
 @dg.asset(
@@ -201,17 +188,9 @@ def domain_tag_vocabularies(
     return run_stage(context, store, build=build, config=config.model_dump(), extra_inputs={"llm": llm.fingerprint(store)})
 
 
-class TagScoringSettings(dg.Config):
-    """TEMA §III-D: relevance 1..100 of (item, tag) pairs of the item's domain."""
-
-    method: str = Field(default=TagScoringConfig.method, description="auto (logprob embedded, json Ollama) | json | logprob.")
-    candidates: int = Field(
-        default=TagScoringConfig.candidates, description="K tags per item by text-encoder similarity; 0: all tags."
-    )
-    max_title_chars: int = Field(default=TagScoringConfig.max_title_chars)
-    max_attempts: int = Field(default=TagScoringConfig.max_attempts)
-    temperature: float = Field(default=TagScoringConfig.temperature)
-    seed: int = Field(default=TagScoringConfig.seed)
+TagScoringSettings = dagster_config(
+    TagScoringConfig, "TagScoringSettings", "TEMA §III-D: relevance 1..100 of (item, tag) pairs of the item's domain."
+)
 
 
 @dg.asset(
@@ -257,14 +236,9 @@ def tag_scoring_failures_within_limit(storage: StorageResource, config: LLMFailu
     return _failure_check(storage.store(), "item_tag_scores", config.max_share)
 
 
-class TagMatrixSettings(dg.Config):
-    """Selection and representation of the default tag matrix (TEMA Tables V, VI)."""
-
-    selection: str = Field(default=TagMatrixConfig.selection, description="top_r | threshold | hybrid.")
-    top_r: int = Field(default=TagMatrixConfig.top_r, description="R.")
-    threshold: int = Field(default=TagMatrixConfig.threshold, description="θ on the 1..100 scale.")
-    max_tags: int = Field(default=TagMatrixConfig.max_tags, description="Hybrid's upper bound.")
-    representation: str = Field(default=TagMatrixConfig.representation, description="weighted | unweighted | one_hot.")
+TagMatrixSettings = dagster_config(
+    TagMatrixConfig, "TagMatrixSettings", "Selection and representation of the default tag matrix (TEMA Tables V, VI)."
+)
 
 
 def matrix_file(variant: str) -> str:

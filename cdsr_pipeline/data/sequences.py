@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from . import schema
 from .ingest import INTERACTIONS_FILE, ITEMS_FILE, connect, sql_str
 from ..storage import atomic_write_text, write_parquet_atomic
+from ..settings import setting
 
 DOMAINS_FILE = "domains.json"
 STATS_FILE = "stats.json"
@@ -43,9 +44,9 @@ ITEMS_OUT = "items.parquet"
 class FilterConfig:
     """Thresholds of the raw-data preparation (papers' defaults). Ignored for released splits."""
 
-    min_user_interactions: int = 10
-    min_item_interactions: int = 10
-    min_items_per_domain: int = 3
+    min_user_interactions: int = setting(10, "Drop users with fewer interactions (both domains).")
+    min_item_interactions: int = setting(10, "Drop items with fewer interactions.")
+    min_items_per_domain: int = setting(3, "Keep users with at least this many items in each domain.")
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():

@@ -29,19 +29,20 @@ from cdsr_pipeline.llm.calllog import (
 )
 from cdsr_pipeline.llm.prompts import AUGMENTATION, AUGMENTATION_STOP, quote
 from cdsr_pipeline.llm.types import CompletionRequest, Prompt
+from cdsr_pipeline.settings import setting
 
 STAGE = "augmentation"
 
 
 @dataclass
 class AugmentationConfig:
-    max_tokens: int = 48  # answer length bound (see the module docstring)
-    temperature: float = 0.0
-    seed: int = 0  # retry n uses seed + n
-    repeat_penalty: float = 1.1  # Ollama's default; a greedy small model otherwise loops on a phrase
-    max_attempts: int = 2  # answers per item before it is recorded as failed
-    max_title_chars: int = 200  # longer titles are cut (the longest real ones are listings of variants)
-    min_words: int = 3  # a shorter answer is rejected
+    max_tokens: int = setting(48, "Answer length bound (tokens).")  # see the module docstring
+    temperature: float = setting(0.0)
+    seed: int = setting(0, "Retry n uses seed + n.")
+    repeat_penalty: float = setting(1.1)  # Ollama's default; a greedy small model otherwise loops on a phrase
+    max_attempts: int = setting(2, "Answers per item before it fails.")
+    max_title_chars: int = setting(200)  # longer titles are cut (the longest real ones are listings of variants)
+    min_words: int = setting(3, "A shorter answer is rejected.")
 
 
 def item_key(domain_name: str, source_id: str) -> str:

@@ -31,6 +31,7 @@ from typing import Literal
 import pyarrow as pa
 
 from cdsr_pipeline.data.schema import ITEM_TAG_MATRIX
+from cdsr_pipeline.settings import setting
 
 STOP_WORDS = frozenset({"and", "for", "the", "with", "from", "other", "all", "non"})
 SELECTIONS = ("top_r", "threshold", "hybrid")
@@ -46,11 +47,11 @@ _WORD = re.compile(r"[a-z0-9]+")
 
 @dataclass
 class TagMatrixConfig:
-    selection: Literal["top_r", "threshold", "hybrid"] = "hybrid"
-    top_r: int = 5  # R
-    threshold: int = 70  # θ, on the 1..100 scale
-    max_tags: int = 10  # hybrid's upper bound
-    representation: Literal["weighted", "unweighted", "one_hot"] = "weighted"
+    selection: Literal["top_r", "threshold", "hybrid"] = setting("hybrid", "top_r | threshold | hybrid.")
+    top_r: int = setting(5, "R.")
+    threshold: int = setting(70, "θ on the 1..100 scale.")
+    max_tags: int = setting(10, "Hybrid's upper bound.")
+    representation: Literal["weighted", "unweighted", "one_hot"] = setting("weighted", "weighted | unweighted | one_hot.")
 
 
 def select_tags(scored: list[tuple[int, int]], config: TagMatrixConfig) -> list[tuple[int, int]]:

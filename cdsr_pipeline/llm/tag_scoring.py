@@ -50,6 +50,7 @@ from cdsr_pipeline.llm.calllog import (
 )
 from cdsr_pipeline.llm.prompts import TAG_CHOICE, TAG_CHOICE_TERMINATOR, TAG_RATING, quote, rating_schema
 from cdsr_pipeline.llm.types import CompletionRequest, ContinuationRequest, Prompt
+from cdsr_pipeline.settings import setting
 
 if TYPE_CHECKING:  # the one text-encoder protocol (the candidate prefilter needs identity and encode_texts)
     from cdsr_pipeline.features.encoders import TextEncoder
@@ -59,12 +60,12 @@ STAGE = "item_tag_scores"
 
 @dataclass
 class TagScoringConfig:
-    method: Literal["auto", "json", "logprob"] = "auto"
-    candidates: int = 10  # K tags per item by text similarity; 0: every tag of the item's domain
-    max_title_chars: int = 200
-    max_attempts: int = 3  # json: answers per item before it is recorded as failed
-    temperature: float = 0.0  # json
-    seed: int = 0  # json; retry n uses seed + n
+    method: Literal["auto", "json", "logprob"] = setting("auto", "auto (logprob embedded, json Ollama) | json | logprob.")
+    candidates: int = setting(10, "K tags per item by text-encoder similarity; 0: all tags.")
+    max_title_chars: int = setting(200)
+    max_attempts: int = setting(3)  # json: answers per item before it is recorded as failed
+    temperature: float = setting(0.0)  # json
+    seed: int = setting(0)  # json; retry n uses seed + n
 
 
 def resolve_method(method: str, backend: LLMBackend) -> str:

@@ -44,6 +44,7 @@ from cdsr_pipeline.llm.calllog import (
 )
 from cdsr_pipeline.llm.prompts import VOCABULARY, VOCABULARY_STOP, vocabulary_grammar, vocabulary_prompt
 from cdsr_pipeline.llm.types import CompletionRequest, Prompt
+from cdsr_pipeline.settings import setting
 
 STAGE = "domain_vocabulary"
 MAX_TAG_CHARS = 40
@@ -58,15 +59,15 @@ class VocabularyError(RuntimeError):
 
 @dataclass
 class VocabularyConfig:
-    tags_per_domain: int = 20  # N
-    queries: int = 5  # R
-    temperature: float = 0.0  # the paper's T = 0
-    seed: int = 0  # query r uses seed + r; retries add 1000 * attempt
+    tags_per_domain: int = setting(20, "N: tags asked for, and kept at most.")
+    queries: int = setting(5, "R: queries per domain.")
+    temperature: float = setting(0.0)  # the paper's T = 0
+    seed: int = setting(0, "Query r uses seed + r.")  # retries add 1000 * attempt
     # Ollama's default. Without it a greedy small model repeats one tag N times.
-    repeat_penalty: float = 1.1
-    max_attempts: int = 3
-    min_valid_tags: int | None = None  # usable tags an answer needs; None: a quarter of N
-    max_tokens: int | None = None  # None: 10 per tag + 16 (a line costs 5-8 tokens)
+    repeat_penalty: float = setting(1.1)
+    max_attempts: int = setting(3)
+    min_valid_tags: int | None = setting(None, "Usable tags an answer needs; empty: N // 4.")
+    max_tokens: int | None = setting(None, "Answer length bound; empty: 10 per tag + 16 (a line costs 5-8 tokens).")
 
     def required_tags(self) -> int:
         return self.min_valid_tags if self.min_valid_tags is not None else max(1, self.tags_per_domain // 4)
