@@ -12,9 +12,8 @@ from ..features.images import ImageFetchConfig, ImageFetcher
 from ..resources import ImageEncoderResource, StorageResource, TextEncoderResource
 from ..storage import write_parquet_atomic
 from ._stage import HEAVY_TAG, run_stage
+from .artifacts import EMBEDDINGS_FILE, ISSUES_FILE, ITEMS_OUT
 
-EMBEDDINGS_FILE = "embeddings.parquet"
-ISSUES_FILE = "image_issues.parquet"
 
 
 @dg.asset(
@@ -31,7 +30,7 @@ def item_text_embeddings(
     store = storage.store()
 
     def build(folder):
-        items = pq.read_table(store.path("cdsr_sequences", "items.parquet"))
+        items = pq.read_table(store.path("cdsr_sequences", ITEMS_OUT))
         encoder = load_text_encoder(text_encoder.spec())
         table, stats = encode_item_texts(items, encoder, store.cache_dir("features"))
         write_parquet_atomic(table, folder / EMBEDDINGS_FILE)
@@ -76,7 +75,7 @@ def item_image_embeddings(
         extra["retry_failed_fetches_after"] = previous.created_at
 
     def build(folder):
-        items = pq.read_table(store.path("cdsr_sequences", "items.parquet"))
+        items = pq.read_table(store.path("cdsr_sequences", ITEMS_OUT))
         refs = pc.utf8_trim_whitespace(pc.fill_null(items["image_ref"], ""))
         if not pc.any(pc.not_equal(refs, "")).as_py():
             # Nothing to encode: don't load (or download) an image model for it.
@@ -104,7 +103,7 @@ def item_image_embeddings(
 def embeddings_check(store, asset: str) -> dg.AssetCheckResult:
     """One row per item, in id order; a vector exactly where present; unit-norm vectors."""
     table = pq.read_table(store.path(asset, EMBEDDINGS_FILE))
-    n_items = pq.read_metadata(store.path("cdsr_sequences", "items.parquet")).num_rows
+    n_items = pq.read_metadata(store.path("cdsr_sequences", ITEMS_OUT)).num_rows
     ids = table["item_id"].to_numpy()
     present = table["present"].to_numpy(zero_copy_only=False)
     valid = table["embedding"].is_valid().to_numpy(zero_copy_only=False)

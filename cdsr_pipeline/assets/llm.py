@@ -40,16 +40,12 @@ from ..resources import LLMResource, StorageResource, TextEncoderResource
 from ..storage import ArtifactStore, write_parquet_atomic
 from ._config import dagster_config
 from ._stage import HEAVY_TAG, run_stage
-from .features import EMBEDDINGS_FILE
+from .artifacts import AUGMENTED_FILE, DOMAIN_TAGS_FILE, EMBEDDINGS_FILE, ITEMS_OUT, SCORES_FILE, VOCABULARY_FILE, matrix_file
 
-AUGMENTED_FILE = "augmented_text.parquet"
-DOMAIN_TAGS_FILE = "domain_tags.parquet"
-VOCABULARY_FILE = "tag_vocabulary.parquet"
-SCORES_FILE = "scores.parquet"
 
 
 def _items(store: ArtifactStore):
-    return pq.read_table(store.path("cdsr_sequences", "items.parquet"))
+    return pq.read_table(store.path("cdsr_sequences", ITEMS_OUT))
 
 
 @contextlib.contextmanager
@@ -239,11 +235,6 @@ def tag_scoring_failures_within_limit(storage: StorageResource, config: LLMFailu
 TagMatrixSettings = dagster_config(
     TagMatrixConfig, "TagMatrixSettings", "Selection and representation of the default tag matrix (TEMA Tables V, VI)."
 )
-
-
-def matrix_file(variant: str) -> str:
-    """``default``, ``static`` or ``<selection>-<representation>``."""
-    return f"matrix-{variant}.parquet"
 
 
 @dg.asset(

@@ -33,8 +33,7 @@ from ..model.trainer import run_identity, run_precision
 from ..resources import StorageResource
 from ..storage import ArtifactStore, MissingArtifactError, stable_hash
 from ._stage import HEAVY_TAG, DeclaredInputs, run_stage
-from .features import EMBEDDINGS_FILE
-from .llm import VOCABULARY_FILE, matrix_file
+from .artifacts import EMBEDDINGS_FILE, STATS_FILE, VOCABULARY_FILE, matrix_file
 
 RUNS_DIR = "runs"
 KEPT_FILES = ("config.json", "epochs.parquet", "metrics.json", "best.pt")
@@ -409,7 +408,7 @@ def evaluation_report(context: dg.AssetExecutionContext, storage: StorageResourc
     inputs["cdsr_sequences"] = store.require("cdsr_sequences").data_version
 
     def build(folder: Path):
-        stats = json.loads(store.path("cdsr_sequences", "stats.json").read_text())
+        stats = json.loads(store.path("cdsr_sequences", STATS_FILE).read_text())
         runs = [run for name in inputs if name != "cdsr_sequences" for run in run_dirs(store, name)]
         paths = write_report(runs, folder, stats, missing=missing)
         return {

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import polars as pl
 
+from .ingest import ITEMS_FILE
 from .releases import ingest_llmcdsr
 from .sequences import build_sequences
 
@@ -45,7 +46,7 @@ def cut_llmcdsr_sample(source: Path, out: Path, size: SampleSize = SampleSize())
         ingest_llmcdsr(source, tmp_path / "raw")
         build_sequences(tmp_path / "raw", tmp_path / "seq", dataset=source.name, domain_names=("A", "B"))
         # Titles exactly as released (the sequences stage cleans them).
-        items = pl.read_parquet(tmp_path / "raw" / "items.parquet").rename({"given_id": "item_id"})
+        items = pl.read_parquet(tmp_path / "raw" / ITEMS_FILE).rename({"given_id": "item_id"})
         splits = {s: pl.read_parquet(tmp_path / "seq" / f"{s}.parquet") for s in ("train", "valid", "test")}
 
     n_a = int((items["domain"] == "A").sum())

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ..data.schema import DOMAINS
+from ..data.sequences import ITEMS_OUT
 from ..errors import UserInputError
 from .config import train_config_from_dict
 from .data import Domains, FeatureInputs, SequenceArrays, make_batch
@@ -127,7 +128,7 @@ def load_run(folder: str | Path) -> LoadedRun:
     if missing:
         raise RecommendError(f"run {folder.name} was trained on files that are gone: {', '.join(missing)}")
     model = load_model(folder, sequences, features)
-    items = pl.read_parquet(sequences / "items.parquet", columns=["item_id", "domain", "source_id", "title"])
+    items = pl.read_parquet(sequences / ITEMS_OUT, columns=["item_id", "domain", "source_id", "title"])
     tag_rows, tag_names = None, {}
     if features.tags is not None and "tag" in getattr(model, "towers", {}):
         matrix = pl.read_parquet(features.tags, columns=["item_id", "tag_id", "weight"])
