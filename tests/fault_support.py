@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -67,12 +68,15 @@ def run_and_maybe_kill(
     args: list[str],
     *,
     kill_in: str | None = None,
+    kill_on_output: str | None = None,
     after_s: float = 0.0,
     timeout_s: float = 900.0,
     poll_s: float = 0.02,
 ) -> RunOutcome:
     """Run ``cdsr run``; with ``kill_in``, SIGKILL it ``after_s`` seconds after that
-    asset's lock is first seen held (or let it finish if the asset never starts).
+    asset's lock is first seen held (or let it finish if the asset never starts); with
+    ``kill_on_output`` (a regular expression), ``after_s`` seconds after the run's output
+    first matches it.
     Records how long each asset's lock was seen held (the stage times of a reference run)."""
     env = {name: value for name, value in os.environ.items() if name != "DAGSTER_HOME"}
     log = storage.parent / f"{storage.name}.run-{time.time_ns()}.log"
@@ -100,6 +104,8 @@ def run_and_maybe_kill(
                     first_seen.setdefault(asset, now)
                     last_seen[asset] = now
                 if kill_in is not None and kill_at is None and kill_in in current:
+                    kill_at = now + after_s
+                if kill_on_output is not None and kill_at is None and re.search(kill_on_output, log.read_text(errors="replace")):
                     kill_at = now + after_s
                 if kill_at is not None and now >= kill_at:
                     killed_in = sorted(current - {"llm_calls", "dagster_instance"})

