@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import duckdb
 
+from cdsr_pipeline.data.sources import demo_data_dir
 from cdsr_pipeline.storage import ArtifactStore
 
 
@@ -36,6 +38,15 @@ ops:
 def demo_run_args(source: Path, assets: list[str], config: Path) -> list[str]:
     return ["--select", ",".join(assets), "--source-format", "llmcdsr", "--source-path", str(source), "--domains", "Food,Kitchen",
             "--config", str(config)]
+
+
+def cheap_demo_run_args(work: Path, assets: list[str]) -> list[str]:
+    """``cdsr run`` arguments for ``assets`` on a copy of the demo in ``work``, trained with :data:`CHEAP_CONFIG`."""
+    source = work / "llmcdsr-food-kitchen-sample"
+    shutil.copytree(demo_data_dir(), source, ignore=shutil.ignore_patterns("SOURCE.md"))
+    config = work / "config.yaml"
+    config.write_text(CHEAP_CONFIG)
+    return demo_run_args(source, assets, config)
 
 
 @dataclass

@@ -82,6 +82,19 @@ def corrupt_bytes(line: bytes, kind: str, pick: int) -> list[bytes]:
     return [line, line]
 
 
+def fuzzed(test):
+    """A fuzz test over corruption plans, always including a repeated line, a stray quote
+    and a line split in two."""
+    seeded = example(plan=[(0, "duplicate", 0), (3, "flip", ord('"')), (5, "flip", ord("\n") + 256 * 3)])(test)
+    return FUZZ(given(plan=corruption_plans)(seeded))
+
+
+def untouched(lines: list[bytes], plan: list[tuple[int, str, int]]) -> bytes:
+    """The file of the lines no corruption touched."""
+    touched = {index for index, _, _ in plan}
+    return b"".join(line + b"\n" for i, line in enumerate(lines) if i not in touched)
+
+
 def assemble(lines: list[bytes], plan: list[tuple[int, str, int]], corrupt, first_line: int) -> tuple[bytes, set[int]]:
     """The file's bytes and the physical line numbers (1-based) that hold corrupted text."""
     by_index = {index: (kind, pick) for index, kind, pick in plan}
@@ -121,16 +134,12 @@ CSV_HEADER = b"user,item,domain,timestamp"
 CSV_LINES = [f"u{i:02d},i{i:02d},{NAMES[i % 2]},{1000 + i}".encode() for i in range(N_LINES)]
 
 
-@FUZZ
-@given(plan=corruption_plans)
-@example(plan=[(0, "duplicate", 0), (3, "flip", ord('"')), (5, "flip", ord("\n") + 256 * 3)])
+@fuzzed
 def test_interactions_csv_survives_corrupted_lines(tmp_path_factory, plan) -> None:
     work = tmp_path_factory.mktemp("csv")
     body, _ = assemble(CSV_LINES, plan, corrupt_csv, first_line=2)
     (work / "log.csv").write_bytes(CSV_HEADER + b"\n" + body)
-    touched = {index for index, _, _ in plan}
-    clean = b"".join(line + b"\n" for i, line in enumerate(CSV_LINES) if i not in touched)
-    (work / "clean.csv").write_bytes(CSV_HEADER + b"\n" + clean)
+    (work / "clean.csv").write_bytes(CSV_HEADER + b"\n" + untouched(CSV_LINES, plan))
     report = ingest_interactions_file(work / "log.csv", None, work / "out", NAMES)
     ingest_interactions_file(work / "clean.csv", None, work / "clean_out", NAMES)
     check_contract(report, work / "out", work / "clean_out", len(plan))
@@ -144,17 +153,14 @@ def review_line(i: int) -> bytes:
 REVIEW_LINES = [review_line(i) for i in range(N_LINES)]
 
 
-@FUZZ
-@given(plan=corruption_plans)
-@example(plan=[(0, "duplicate", 0), (3, "flip", ord('"')), (5, "flip", ord("\n") + 256 * 3)])
+@fuzzed
 def test_amazon_reviews_survive_corrupted_lines(tmp_path_factory, plan) -> None:
     work = tmp_path_factory.mktemp("amazon")
     body, corrupted_lines = assemble(REVIEW_LINES, plan, corrupt_json, first_line=1)
     other = gzip.compress(REVIEW_LINES[0] + b"\n")  # domain B: one good review
     (work / "Food.json.gz").write_bytes(gzip.compress(body))
     (work / "Kitchen.json.gz").write_bytes(other)
-    touched = {index for index, _, _ in plan}
-    (work / "clean.json.gz").write_bytes(gzip.compress(b"".join(l + b"\n" for i, l in enumerate(REVIEW_LINES) if i not in touched)))
+    (work / "clean.json.gz").write_bytes(gzip.compress(untouched(REVIEW_LINES, plan)))
     meta = {"A": None, "B": None}
     report = ingest_amazon("amazon2018", {"A": work / "Food.json.gz", "B": work / "Kitchen.json.gz"}, meta, work / "out", NAMES)
     ingest_amazon("amazon2018", {"A": work / "clean.json.gz", "B": work / "Kitchen.json.gz"}, meta, work / "clean_out", NAMES)
@@ -196,16 +202,13 @@ def sequences(out: Path) -> dict[str, list[tuple]]:
     return by_user
 
 
-@FUZZ
-@given(plan=corruption_plans)
-@example(plan=[(0, "duplicate", 0), (3, "flip", ord('"')), (5, "flip", ord("\n") + 256 * 3)])
+@fuzzed
 def test_llmcdsr_sequences_survive_corrupted_lines(tmp_path_factory, plan) -> None:
     from cdsr_pipeline.data.releases import ingest_llmcdsr
 
     work = tmp_path_factory.mktemp("release")
     body, corrupted_lines = assemble(SEQUENCE_LINES, plan, corrupt_sequence, first_line=1)
-    touched = {index for index, _, _ in plan}
-    clean = b"".join(line + b"\n" for i, line in enumerate(SEQUENCE_LINES) if i not in touched)
+    clean = untouched(SEQUENCE_LINES, plan)
     report = ingest_llmcdsr(release_with(work / "fuzzed", body), work / "out", NAMES)
     clean_report = ingest_llmcdsr(release_with(work / "clean", clean), work / "clean_out", NAMES)
     quarantined = [r for r in pq.read_table(work / "out" / QUARANTINE_FILE).to_pylist() if r["source_file"].endswith("train_overlap.txt")]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ import pytest
 from cdsr_pipeline.data.sample import SampleSize, cut_llmcdsr_sample
 from cdsr_pipeline.data.sources import demo_data_dir
 
-from fault_support import CHEAP_CONFIG, artifact_states, demo_run_args, half_built_files, recorded_calls, run_and_maybe_kill
+from fault_support import artifact_states, cheap_demo_run_args, demo_run_args, half_built_files, recorded_calls, run_and_maybe_kill
 
 pytestmark = pytest.mark.slow
 
@@ -40,11 +39,7 @@ resources:
 @pytest.fixture(scope="module")
 def cheap_reference(tmp_path_factory):
     work = tmp_path_factory.mktemp("killed-cheap")
-    source = work / "llmcdsr-food-kitchen-sample"
-    shutil.copytree(demo_data_dir(), source, ignore=shutil.ignore_patterns("SOURCE.md"))
-    config = work / "config.yaml"
-    config.write_text(CHEAP_CONFIG)
-    args = demo_run_args(source, CHEAP_ASSETS, config)
+    args = cheap_demo_run_args(work, CHEAP_ASSETS)
     reference = run_and_maybe_kill(work / "reference", args)
     assert reference.returncode == 0, reference.output
     return work, args, reference, artifact_states(work / "reference", CHEAP_ASSETS)

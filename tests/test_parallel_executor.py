@@ -3,13 +3,9 @@ of each kind at a time) builds the same artifacts as the default in-process run.
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
-from cdsr_pipeline.data.sources import demo_data_dir
-
-from fault_support import CHEAP_CONFIG, artifact_states, demo_run_args, run_and_maybe_kill
+from fault_support import artifact_states, cheap_demo_run_args, run_and_maybe_kill
 
 pytestmark = pytest.mark.slow
 
@@ -18,11 +14,7 @@ ASSETS = ["raw_interactions", "cdsr_sequences", "item_text_embeddings", "popular
 
 
 def test_the_parallel_run_builds_what_the_in_process_run_builds(tmp_path):
-    source = tmp_path / "llmcdsr-food-kitchen-sample"
-    shutil.copytree(demo_data_dir(), source, ignore=shutil.ignore_patterns("SOURCE.md"))
-    config = tmp_path / "config.yaml"
-    config.write_text(CHEAP_CONFIG)
-    args = demo_run_args(source, ASSETS, config)
+    args = cheap_demo_run_args(tmp_path, ASSETS)
     in_process = run_and_maybe_kill(tmp_path / "in-process", args)
     assert in_process.returncode == 0, in_process.output
     parallel = run_and_maybe_kill(tmp_path / "parallel", [*args, "--parallel", "2"])
