@@ -83,11 +83,40 @@ def tag_tables(k: int) -> tuple[pa.Table, pa.Table]:
             pa.Table.from_pylist([{"tag_id": i, "tag": t} for i, t in enumerate(vocabulary)], schema=TAG_VOCABULARY))
 
 
-def report(stage: str, n: int, seconds: float) -> None:
+def report(stage: str, n: int, seconds: float, engine=None, before: tuple[int, int] = (0, 0)) -> None:
     rate = n / seconds
     hours = RELEASE_ITEMS / rate / 3600
     print(f"{stage:<14} {n:>5} items in {seconds:7.1f}s = {rate:6.2f} items/s "
           f"-> full release ({RELEASE_ITEMS} items): {hours:5.2f} h")
+    if engine is not None:
+        print_share_of_peak(engine, seconds, engine.tokens_evaluated - before[0], engine.decode_calls - before[1])
+
+
+def print_share_of_peak(engine, seconds: float, tokens: int, calls: int) -> None:
+    """The stage's arithmetic rate (about 2 x parameters per token llama.cpp evaluated) as a
+    share of this machine's matrix-product peak at the model's hot shape (tokens of one
+    llama_decode x hidden x 4 hidden), measured here in fp32 and bf16 with torch."""
+    import torch
+
+    from cdsr_pipeline.hardware import matmul_peak_gflops
+
+    if not tokens or not calls:
+        return
+    achieved = 2 * engine.n_params * tokens / seconds / 1e9
+    rows = max(1, tokens // calls)
+    peaks = {
+        label: matmul_peak_gflops(torch.device("cpu"), dtype, rows, engine.n_embd, 4 * engine.n_embd)
+        for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+    }
+    print(f"               {tokens:,} tokens in {calls:,} llama_decode calls ({rows} per call): about "
+          f"{achieved:.0f} GFLOP/s = {achieved / peaks['fp32']:.0%} of the fp32 matrix-product peak at "
+          f"{rows}x{engine.n_embd}x{4 * engine.n_embd} ({peaks['fp32']:.0f} GFLOP/s), "
+          f"{achieved / peaks['bf16']:.0%} of the bf16 one ({peaks['bf16']:.0f}); torch CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}")
+
+
+def _counts(engine) -> tuple[int, int]:
+    return (engine.tokens_evaluated, engine.decode_calls) if engine is not None else (0, 0)
 
 
 def main() -> None:
@@ -115,15 +144,16 @@ def main() -> None:
     domain_tags, vocabulary = tag_tables(args.candidates)
     with tempfile.TemporaryDirectory() as tmp:
         with CallLog(Path(tmp) / "calls.duckdb") as call_log:
-            started = time.perf_counter()
+            engine = getattr(backend, "_engine", None)
+            before, started = _counts(engine), time.perf_counter()
             scored = score_item_tags(items, domain_tags, vocabulary, backend, call_log, TagScoringConfig(candidates=0))
-            report("tag scoring", items.num_rows, time.perf_counter() - started)
+            report("tag scoring", items.num_rows, time.perf_counter() - started, engine, before)
             print(f"               {scored.table.num_rows} scores, {scored.stats.failed} failures")
             if args.aug_items:
                 subset = items.slice(0, args.aug_items)
-                started = time.perf_counter()
+                before, started = _counts(engine), time.perf_counter()
                 augmented = augment_items(subset, backend, call_log, AugmentationConfig(max_tokens=args.max_tokens))
-                report("augmentation", subset.num_rows, time.perf_counter() - started)
+                report("augmentation", subset.num_rows, time.perf_counter() - started, engine, before)
                 example = augmented.table.to_pylist()[0]
                 print(f"               {augmented.stats.failed} failures; e.g. {example['text']!r}")
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -53,15 +53,23 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, rows: int, inner: int, cols: int, repeats: int = 4) -> float:
     """GFLOP/s of this machine's best ``[rows, inner] x [inner, cols]`` matrix product in
     ``dtype`` with the current threads: the limit a stage's hot loop is compared with
-    (the benchmarks measure it in their own process, at their own shapes)."""
+    (the benchmarks measure it in their own process, at their own shapes). Each of the
+    ``repeats`` samples times enough products to last a few milliseconds, so that small
+    shapes are not timed by the clock's resolution; the best sample counts."""
     a = torch.randn(rows, inner, device=device, dtype=dtype)
     b = torch.randn(cols, inner, device=device, dtype=dtype)
     out = torch.empty(rows, cols, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(repeats):  # the first also pages the output in
+
+    def sample(products: int) -> float:
         started = time.perf_counter()
-        torch.mm(a, b.t(), out=out)
+        for _ in range(products):
+            torch.mm(a, b.t(), out=out)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - started)
+        return (time.perf_counter() - started) / products
+
+    products = 1
+    while sample(products) * products < 0.005 and products < 1 << 14:  # the first also pages the output in
+        products *= 4
+    best = min(sample(products) for _ in range(repeats))
     return 2 * rows * inner * cols / best / 1e9

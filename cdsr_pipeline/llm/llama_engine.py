@@ -114,6 +114,11 @@ class LlamaEngine:
         self._prefix_text: str | None = None
         self._prefix_tokens: list[int] = []
         self._prefix_last_logits: np.ndarray | None = None
+        # what the benchmarks turn into FLOP/s: about 2 x parameters per evaluated token
+        self.n_params = int(llama_cpp.llama_model_n_params(self._model))
+        self.n_embd = int(llama_cpp.llama_model_n_embd(self._model))
+        self.tokens_evaluated = 0
+        self.decode_calls = 0
 
     def close(self) -> None:
         if self._ctx:
@@ -160,6 +165,8 @@ class LlamaEngine:
                 batch.seq_id[i][j] = seq
             batch.logits[i] = item.wants_logits
         code = llama_cpp.llama_decode(self._ctx, batch)
+        self.tokens_evaluated += len(tokens)
+        self.decode_calls += 1
         if code != 0:
             raise RuntimeError(
                 f"llama_decode returned {code} (KV cache full? n_ctx={self.n_ctx}, "
