@@ -60,8 +60,16 @@ def test_two_processes_train_the_epochs_of_one_within_tolerance(dataset, tmp_pat
 
 
 def _children(pid: int) -> list[int]:
-    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    return [int(child) for child in found]
+    """The processes whose parent is ``pid`` (from /proc: field 4 of /proc/<pid>/stat)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return sorted(children)
 
 
 def test_a_killed_process_fails_the_run_instead_of_hanging(dataset, tmp_path):
