@@ -80,3 +80,16 @@ def test_top_k_indices_equal_a_stable_full_sort_with_ties_and_excluded_items(k):
     scores = torch.randint(0, 6, (50,), generator=generator).float()  # many ties
     scores[[4, 9, 30]] = -torch.inf  # excluded (seen) items
     assert top_k_indices(scores, k) == torch.argsort(scores, descending=True, stable=True)[:k].tolist()
+
+
+@pytest.mark.parametrize("k", [1, 5, 12, 60])
+def test_top_k_rows_equal_the_one_row_selection_with_ties_and_excluded_items(k):
+    from cdsr_pipeline.model.recommend import top_k_indices, top_k_rows
+
+    generator = torch.Generator().manual_seed(k)
+    scores = torch.randint(0, 6, (9, 50), generator=generator).float()  # many ties, across the k-th place too
+    scores[1] = torch.arange(50).float()  # no ties at all
+    scores[2, 5:] = -torch.inf  # fewer finite scores than k
+    scores[3, [4, 9, 30]] = -torch.inf
+    assert top_k_rows(scores, k) == [top_k_indices(row, k) for row in scores]
+    assert top_k_rows(scores, k) == [torch.argsort(row, descending=True, stable=True)[:k].tolist() for row in scores]

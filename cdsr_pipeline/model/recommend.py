@@ -211,10 +211,31 @@ def answer_queries(run: LoadedRun, queries: Sequence[Query]) -> list[list[Recomm
         if not members:
             continue
         shares = domain_scores(run, [queries[i].ids for i in members], domain)
-        totals = sum(shares.values())
+        totals = sum(shares.values())  # a new tensor: excluding seen items in it changes no share
+        first, size = run.domains.first_id(domain), run.domains.sizes[domain]
         for row, index in enumerate(members):
-            answers[index] = _top_k(run, queries[index], totals[row].clone(), {n: s[row] for n, s in shares.items()})
+            if queries[index].exclude_seen:
+                totals[row, [i - first for i in queries[index].ids if first <= i < first + size]] = -torch.inf
+        orders = top_k_rows(totals, max(queries[i].k for i in members))
+        for row, index in enumerate(members):
+            query = queries[index]
+            answers[index] = _explained(run, query, orders[row][: query.k], totals[row], {n: s[row] for n, s in shares.items()})
     return answers  # type: ignore[return-value]
+
+
+def top_k_rows(scores: torch.Tensor, k: int) -> list[list[int]]:
+    """:func:`top_k_indices` of every row of a 2-d tensor, with one partial selection and
+    two sorts for all rows; a row where a tie crosses the k-th place (or with fewer than
+    ``k`` finite scores) takes the exact per-row path."""
+    if k >= scores.shape[1]:
+        return [top_k_indices(row, k) for row in scores]
+    values, indices = torch.topk(scores, k, dim=1, sorted=False)
+    kth = values.min(dim=1).values
+    exact = (scores >= kth[:, None]).sum(dim=1) == k  # the k best are these k, whatever the ties
+    by_index, position = indices.sort(dim=1)
+    _, order = values.gather(1, position).sort(dim=1, descending=True, stable=True)  # ties: lower index first
+    ranked = by_index.gather(1, order).tolist()
+    return [ranked[row] if exact[row] else top_k_indices(scores[row], k) for row in range(scores.shape[0])]
 
 
 def top_k_indices(scores: torch.Tensor, k: int) -> list[int]:
@@ -228,12 +249,11 @@ def top_k_indices(scores: torch.Tensor, k: int) -> list[int]:
     return reaching[torch.argsort(scores[reaching], descending=True, stable=True)[:k]].tolist()
 
 
-def _top_k(run: LoadedRun, query: Query, total: torch.Tensor, shares: dict[str, torch.Tensor]) -> list[Recommendation]:
-    first, size = run.domains.first_id(query.domain), run.domains.sizes[query.domain]
-    if query.exclude_seen:
-        seen = [i - first for i in query.ids if first <= i < first + size]
-        total[seen] = -torch.inf
-    order = top_k_indices(total, query.k)
+def _explained(
+    run: LoadedRun, query: Query, order: list[int], total: torch.Tensor, shares: dict[str, torch.Tensor]
+) -> list[Recommendation]:
+    """The recommendations of the local indices ``order``, with their towers' shares and the tags they share with the history."""
+    first = run.domains.first_id(query.domain)
     history_tags: dict[int, float] = {}
     if run.tag_rows is not None:
         for item in query.ids:
