@@ -342,7 +342,8 @@ def _runs_section(doc: _Document, results: list[TrainResult], names: dict) -> No
         stop = "early stop" if m["stopped_early"] else "max epochs"
         training = (
             f"{m['epochs_run']}/{m['max_epochs']} epochs ({stop}), patience {m['patience']}, best epoch "
-            f"{m['best_checkpoint']['epoch']}, {m['timing']['mean_train_seconds']:.0f} s/epoch on {m['device']}, {m.get('precision') or 'fp32'}"
+            f"{m['best_checkpoint']['epoch']}, {m['timing']['mean_train_seconds']:.0f} s/epoch on {m['device']}"
+            f" ({_cpu(m)}), {m.get('precision') or 'fp32'}"
             if m["epochs_run"]
             else "not trained"
         )
@@ -350,10 +351,21 @@ def _runs_section(doc: _Document, results: list[TrainResult], names: dict) -> No
         features = "; ".join(f"{k}: {provenance.get(k, 'not stated')}" for k in summary["sources"] if k != "id") or "-"
         rows.append([r.name, structure, towers, features, training])
     doc.table(["Run", "Model", "Towers (fusion weight)", "Feature sources", "Training"], rows)
+    cpus = sorted({_cpu(r.metrics) for r in results if r.metrics["epochs_run"]})
+    if len(cpus) > 1:
+        doc.paragraph(
+            f"**These runs trained on different machines** ({', '.join(cpus)}). A run is reproducible on the "
+            "machine it trained on; on another CPU its bf16 products use that CPU's kernels, so the same config "
+            "and seed give slightly different numbers: where two runs differ by little, compare runs of one machine."
+        )
     notes = [f"**{r.name}**: {note}" for r in results for note in r.metrics["notes"]]
     if notes:
         doc.paragraph("Notes recorded while building the models:")
         doc.bullets(notes)
+
+
+def _cpu(metrics: dict) -> str:
+    return (metrics.get("hardware") or {}).get("cpu") or "CPU not recorded"
 
 
 def _results_table(
