@@ -153,6 +153,17 @@ def test_c2dsr_sorting_target_domain_and_missing_train(tmp_path):
     assert items["title"].to_list() == ["Oat milk & honey", None, None, None, None]  # entities decoded, spaces collapsed
 
 
+def test_a_repeated_c2dsr_line_is_quarantined_not_counted_twice(tmp_path):
+    folder = tmp_path / "c2dsr-Tea-Pots"
+    _tiny_c2dsr(folder, with_titles=False)
+    lines = (folder / "validdata_new.txt").read_text().splitlines()
+    (folder / "validdata_new.txt").write_text("\n".join([lines[0], lines[1], lines[0]]) + "\n")
+    report = ingest_c2dsr(folder, tmp_path / "raw")
+    assert report.quarantined == {"bad_item_id": 1, "duplicate_line": 1}
+    quarantine = pl.read_parquet(tmp_path / "raw" / "quarantine.parquet")
+    assert quarantine.filter(pl.col("reason") == "duplicate_line")["line"].to_list() == [3]
+
+
 def test_c2dsr_without_optional_files(tmp_path):
     folder = tmp_path / "c2dsr-Tea-Pots"
     _tiny_c2dsr(folder, with_titles=False)
