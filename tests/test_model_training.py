@@ -3,6 +3,7 @@ checkpoints, report."""
 
 import dataclasses
 import platform
+import statistics
 
 import polars as pl
 import pytest
@@ -239,3 +240,19 @@ def test_bf16_training_is_its_own_run_and_learns_like_fp32(dataset, tmp_path, mo
     # the speed-up is labelled in the results tables; the fp32 run is not
     report = write_report([fp32, bf16], tmp_path / "report").markdown.read_text()
     assert "| tema_llm (bf16) |" in report and "| tema_llm |" in report and "scripts/precision_table.py" in report
+
+
+def test_the_report_gives_mean_and_spread_over_seeds(dataset, tmp_path):
+    sequences, features = dataset
+    seeded = [
+        train_model(sequences, features, _config("sasrec", epochs=2, seed=seed, name=name), tmp_path / f"seed{seed}")
+        for seed, name in ((0, "SASRec"), (1, "SASRec (seed 1)"), (2, "SASRec (seed 2)"))
+    ]
+    lone = train_model(sequences, features, _config("popularity"), tmp_path / "popularity")
+    paths = write_report([*seeded, lone], tmp_path / "report")
+    text = paths.markdown.read_text()
+    assert "Mean and spread over seeds" in text
+    values = [100 * r.metrics["best_checkpoint"]["test"]["A"]["sampled"]["mrr"] for r in seeded]
+    mean, spread = sum(values) / 3, statistics.stdev(values)
+    assert f"| SASRec (bf16) | 3 | {mean:.2f} ± {spread:.2f} |" in text or f"| SASRec | 3 | {mean:.2f} ± {spread:.2f} |" in text
+    assert "| popularity | 1 |" in text  # a run without seeds: its one value

@@ -134,3 +134,12 @@ def test_single_domain_users_add_a_separately_named_run():
     ]
     assert configs[0].identity_hash() != configs[1].identity_hash()
     assert len(TrainingSettings().run_configs(plan_runs(["sasrec"]))) == 1
+
+
+def test_extra_seeds_add_runs_named_by_their_seed():
+    from cdsr_pipeline.assets.training import TrainingSettings
+    from cdsr_pipeline.model.runs import plan_runs
+
+    configs = TrainingSettings(extra_seeds=[0, 1, 2, 1]).run_configs(plan_runs(["sasrec"]))
+    assert [(c.name, c.seed) for c in configs] == [("SASRec", 0), ("SASRec (seed 1)", 1), ("SASRec (seed 2)", 2)]
+    assert len({c.identity_hash() for c in configs}) == 3

@@ -75,6 +75,11 @@ class TrainingSettings(dg.Config):
     num_negatives: int = Field(default=TrainConfig.num_negatives, description="Negatives per row of the sampled evaluation protocol.")
     negatives_seed: int = Field(default=TrainConfig.negatives_seed, description="Seed of the evaluation negatives (same for every model).")
     seed: int = Field(default=TrainConfig.seed, description="Initialisation, batch order and dropout.")
+    extra_seeds: list[int] = Field(
+        default=[],
+        description="Train each run again with each of these seeds, as runs named '<run> (seed N)': the report "
+        "then gives the mean and spread over the seeds (what one run's number is worth).",
+    )
     device: str = Field(default=TrainConfig.device, description="auto (CUDA when present), cpu or cuda.")
     num_threads: int | None = Field(default=TrainConfig.num_threads, description="torch CPU threads; empty: torch's default.")
     precision: str = Field(
@@ -127,7 +132,18 @@ class TrainingSettings(dg.Config):
             for spec in specs:
                 extended = dataclasses.replace(spec, name=spec.name + SINGLE_DOMAIN_SUFFIX)
                 configs.append(self.train_config(extended, train_user_domains=("both", "A", "B")))
-        return configs
+        seeded = [
+            dataclasses.replace(config, seed=seed, name=seeded_name(config.label, seed))
+            for config in configs
+            for seed in dict.fromkeys(self.extra_seeds)
+            if seed != config.seed
+        ]
+        return configs + seeded
+
+
+def seeded_name(name: str, seed: int) -> str:
+    """The name of a run trained again with another seed (the report groups them by :func:`seed_group`)."""
+    return f"{name} (seed {seed})"
 
 
 def _slug(name: str) -> str:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import matplotlib
 
 matplotlib.use("Agg")
@@ -217,6 +218,13 @@ def write_report(
         doc.table(*_results_table(results, names, protocol, per_domain=True))
         doc.heading(3, "Best checkpoint")
         doc.table(*_results_table(results, names, protocol, per_domain=False))
+        if any(len(group) > 1 for group in seed_groups(results).values()):
+            doc.heading(3, "Mean and spread over seeds (best checkpoint)")
+            doc.paragraph(
+                "Test MRR in % of the runs that differ only by their seed (`extra_seeds`): mean ± standard deviation "
+                "over n runs. A difference between two models smaller than their spread is not a result."
+            )
+            doc.table(*_seed_table(results, names, protocol))
         if protocol == "sampled":
             _papers_section(doc, dataset, names, negatives)
     figures = _figures(results, names, out_dir)
@@ -362,6 +370,30 @@ def _runs_section(doc: _Document, results: list[TrainResult], names: dict) -> No
     if notes:
         doc.paragraph("Notes recorded while building the models:")
         doc.bullets(notes)
+
+
+_SEED_SUFFIX = re.compile(r" \(seed \d+\)$")
+
+
+def seed_groups(results: Sequence[TrainResult]) -> dict[str, list[TrainResult]]:
+    """Runs by name without a ``(seed N)`` suffix, in the order they come."""
+    groups: dict[str, list[TrainResult]] = {}
+    for result in results:
+        groups.setdefault(_SEED_SUFFIX.sub("", result.name), []).append(result)
+    return groups
+
+
+def _seed_table(results: Sequence[TrainResult], names: dict, protocol: str) -> tuple[list[str], list[list[str]]]:
+    header = ["Model", "n"] + [f"MRR ({names[k]})" for k in DOMAIN_KEYS]
+    rows = []
+    for name, group in seed_groups(results).items():
+        cells = []
+        for key in DOMAIN_KEYS:
+            values = np.array([100 * r.metrics["best_checkpoint"]["test"][key][protocol]["mrr"] for r in group])
+            spread = values.std(ddof=1) if values.size > 1 else float("nan")
+            cells.append(f"{values.mean():.2f} ± {spread:.2f}" if values.size > 1 else f"{values.mean():.2f}")
+        rows.append([_labelled_name(group[0]).replace(group[0].name, name), str(len(group))] + cells)
+    return header, rows
 
 
 def _cpu(metrics: dict) -> str:
