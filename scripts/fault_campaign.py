@@ -45,8 +45,11 @@ def fault_classes(fuzz_examples: int) -> list[FaultClass]:
         FaultClass("concurrent runs on one storage root", "tests/test_concurrent_runs.py", None, 1),
         FaultClass("tampered artifacts (edited, truncated, wrong hash, code-running checkpoint)",
                    "tests/test_tampered_artifacts.py", None, 1),
-        FaultClass("LLM server faults (timeouts, HTTP 5xx, cut streams, another model, server death)",
-                   "tests/test_llm_ollama.py", "times_out or errors_are_retried or cut or another_model or dies or unreachable", 1),
+        FaultClass("LLM server faults (timeouts, HTTP 5xx, cut streams, another model, server death; with several servers "
+                   "a failing, a slow, a mismatched and a dead one)",
+                   "tests/test_llm_ollama.py",
+                   "times_out or errors_are_retried or cut or another_model or dies or unreachable or set_aside or slow_server "
+                   "or other_weights", 1),
         FaultClass("hostile item text (prompt injection, controls, 120 KB title, bidi marks)",
                    "tests/test_llm_ollama.py", "hostile or json_scoring", 1),
         FaultClass(f"corrupted input lines (hypothesis, {fuzz_examples} examples per format; CSV, Amazon JSON, LLMCDSR)",
@@ -86,12 +89,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kill-seeds", type=int, default=3, help="seeds of the kill tests (each: one kill per stage)")
     parser.add_argument("--fuzz-examples", type=int, default=200, help="hypothesis examples per raw format")
+    parser.add_argument("--only", help="run only the fault classes whose name contains this text")
     args = parser.parse_args()
     env = {**os.environ, "CDSR_KILL_SEEDS": ",".join(str(s) for s in range(args.kill_seeds)),
            "CDSR_FUZZ_EXAMPLES": str(args.fuzz_examples)}
     rows = []
     with tempfile.TemporaryDirectory(prefix="cdsr-faults-") as work:
-        for number, fault in enumerate(fault_classes(args.fuzz_examples)):
+        classes = [f for f in fault_classes(args.fuzz_examples) if args.only is None or args.only in f.name]
+        for number, fault in enumerate(classes):
             print(f"[fault_campaign] {fault.name} ...", flush=True)
             result = run_class(fault, env, Path(work) / f"class{number}.xml")
             rows.append((fault.name, *result))
