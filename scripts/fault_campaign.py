@@ -52,8 +52,8 @@ def fault_classes(fuzz_examples: int) -> list[FaultClass]:
                    "or other_weights", 1),
         FaultClass("hostile item text (prompt injection, controls, 120 KB title, bidi marks)",
                    "tests/test_llm_ollama.py", "hostile or json_scoring", 1),
-        FaultClass(f"corrupted input lines (hypothesis, {fuzz_examples} examples per format; CSV, Amazon JSON, LLMCDSR)",
-                   "tests/test_fuzz_readers.py", None, fuzz_examples),
+        FaultClass(f"corrupted input lines (hypothesis, {fuzz_examples} examples per format; CSV, Amazon 2014/2018/2023 JSON, LLMCDSR, C2DSR)",
+                   "tests/test_fuzz_readers.py", None, fuzz_examples),  # per test case: one format
     ]
 
 

@@ -1,6 +1,8 @@
 """Property-based fuzzing of the raw readers (hypothesis): corrupted lines never sink a file.
 
-Each example takes valid lines of one raw format, corrupts some of them (truncation,
+Formats: the interactions CSV, the Amazon 2014, 2018 and 2023 review JSON lines, the
+LLMCDSR and C2DSR sequence files (Parquet has no lines to corrupt). Each example takes
+valid lines of one raw format, corrupts some of them (truncation,
 byte flips, invalid UTF-8, a missing field, a wrong type, a duplicated line) and checks
 the readers' contract:
 
@@ -22,6 +24,7 @@ import os
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -59,13 +62,20 @@ def corrupt_csv(line: bytes, kind: str, pick: int) -> list[bytes]:
     return corrupt_bytes(line, kind, pick)
 
 
-def corrupt_json(line: bytes, kind: str, pick: int) -> list[bytes]:
+REVIEW_FIELDS = {  # user, item, time fields of each dump's review lines
+    "amazon2014": ("reviewerID", "asin", "unixReviewTime"),
+    "amazon2018": ("reviewerID", "asin", "unixReviewTime"),
+    "amazon2023": ("user_id", "parent_asin", "timestamp"),
+}
+
+
+def corrupt_json(line: bytes, kind: str, pick: int, fields: tuple[str, str, str] = REVIEW_FIELDS["amazon2018"]) -> list[bytes]:
     record = json.loads(line)
     if kind == "missing_field":
-        del record[("reviewerID", "asin", "unixReviewTime")[pick % 3]]
+        del record[fields[pick % 3]]
         return [json.dumps(record).encode()]
     if kind == "wrong_type":
-        record["unixReviewTime"] = ("soon", [1], {"t": 1}, None)[pick % 4]
+        record[fields[2]] = ("soon", [1], {"t": 1}, None)[pick % 4]
         return [json.dumps(record).encode()]
     return corrupt_bytes(line, kind, pick)
 
@@ -145,28 +155,34 @@ def test_interactions_csv_survives_corrupted_lines(tmp_path_factory, plan) -> No
     check_contract(report, work / "out", work / "clean_out", len(plan))
 
 
-def review_line(i: int) -> bytes:
-    record = {"overall": 5.0, "verified": True, "reviewerID": f"u{i:02d}", "asin": f"I{i:02d}"}
-    return json.dumps(record | {"reviewText": "Tastes great", "unixReviewTime": 1252800000 + i}).encode()
+def review_line(version: str, i: int) -> bytes:
+    user, item, when = REVIEW_FIELDS[version]
+    if version == "amazon2023":
+        record = {"rating": 5.0, "title": "ok", "text": "Tastes great", "asin": f"V{i:02d}", user: f"u{i:02d}",
+                  item: f"I{i:02d}", when: 1588687728923 + 86_400_000 * i}
+    else:
+        record = {"overall": 5.0, "verified": True, user: f"u{i:02d}", item: f"I{i:02d}", "reviewText": "Tastes great",
+                  when: 1252800000 + i}
+    return json.dumps(record).encode()
 
 
-REVIEW_LINES = [review_line(i) for i in range(N_LINES)]
-
-
+@pytest.mark.parametrize("version", sorted(REVIEW_FIELDS))
 @fuzzed
-def test_amazon_reviews_survive_corrupted_lines(tmp_path_factory, plan) -> None:
+def test_amazon_reviews_survive_corrupted_lines(tmp_path_factory, version, plan) -> None:
+    lines = [review_line(version, i) for i in range(N_LINES)]
+    corrupt = lambda line, kind, pick: corrupt_json(line, kind, pick, REVIEW_FIELDS[version])  # noqa: E731
     work = tmp_path_factory.mktemp("amazon")
-    body, corrupted_lines = assemble(REVIEW_LINES, plan, corrupt_json, first_line=1)
-    other = gzip.compress(REVIEW_LINES[0] + b"\n")  # domain B: one good review
-    (work / "Food.json.gz").write_bytes(gzip.compress(body))
-    (work / "Kitchen.json.gz").write_bytes(other)
-    (work / "clean.json.gz").write_bytes(gzip.compress(untouched(REVIEW_LINES, plan)))
+    body, corrupted_lines = assemble(lines, plan, corrupt, first_line=1)
+    suffix = ".jsonl.gz" if version == "amazon2023" else ".json.gz"
+    (work / f"Food{suffix}").write_bytes(gzip.compress(body))
+    (work / f"Kitchen{suffix}").write_bytes(gzip.compress(lines[0] + b"\n"))  # domain B: one good review
+    (work / f"clean{suffix}").write_bytes(gzip.compress(untouched(lines, plan)))
     meta = {"A": None, "B": None}
-    report = ingest_amazon("amazon2018", {"A": work / "Food.json.gz", "B": work / "Kitchen.json.gz"}, meta, work / "out", NAMES)
-    ingest_amazon("amazon2018", {"A": work / "clean.json.gz", "B": work / "Kitchen.json.gz"}, meta, work / "clean_out", NAMES)
+    report = ingest_amazon(version, {"A": work / f"Food{suffix}", "B": work / f"Kitchen{suffix}"}, meta, work / "out", NAMES)
+    ingest_amazon(version, {"A": work / f"clean{suffix}", "B": work / f"Kitchen{suffix}"}, meta, work / "clean_out", NAMES)
     quarantined = check_contract(report, work / "out", work / "clean_out", len(plan))
     for record in quarantined:
-        assert Path(record["source_file"]).name == "Food.json.gz" and record["line"] in corrupted_lines, record
+        assert Path(record["source_file"]).name == f"Food{suffix}" and record["line"] in corrupted_lines, record
 
 
 DEMO_RELEASE = Path(__file__).resolve().parents[1] / "cdsr_pipeline" / "demo_data" / "llmcdsr-food-kitchen-sample"
@@ -220,3 +236,56 @@ def test_llmcdsr_sequences_survive_corrupted_lines(tmp_path_factory, plan) -> No
     assert all(record["line"] in corrupted_lines and record["reason"] for record in quarantined), quarantined
     assert all(kept.get(user) == sequence for user, sequence in clean_kept.items()), (clean_kept, kept)
     assert len(kept) - len(clean_kept) <= len(plan)
+
+
+# C2DSR: user_idx<TAB>inter_id<TAB>item|unix_ts|datetime|<TAB>... (B ids are |A| + local id)
+C2DSR_LINES = [
+    "\t".join([str(i), str(100 + i)] + [f"{(i + j) % 10}|{1000 * i + j}|d|" for j in range(2 + i % 3)]).encode()
+    for i in range(N_LINES)
+]
+
+
+def corrupt_c2dsr(line: bytes, kind: str, pick: int) -> list[bytes]:
+    cells = line.split(b"\t")
+    if kind == "missing_field":
+        return [b"\t".join(cells[:2])] if pick % 2 else [b"\t".join(cells[1:])]
+    if kind == "wrong_type":
+        event = cells[2 + pick % (len(cells) - 2)].split(b"|")
+        event[pick % 2] = (b"x", b"-3", b"99", b"1.5")[pick % 4]
+        cells[2 + pick % (len(cells) - 2)] = b"|".join(event)
+        return [b"\t".join(cells)]
+    return corrupt_bytes(line, kind, pick)
+
+
+def c2dsr_with(folder: Path, valid: bytes) -> Path:
+    folder.mkdir()
+    (folder / "Alist.txt").write_text("".join(f"{10 + i}\tASIN_A{i}\t{i}\n" for i in range(5)))
+    (folder / "Blist.txt").write_text("".join(f"{20 + i}\tASIN_B{i}\t{i}\n" for i in range(5)))
+    (folder / "validdata_new.txt").write_bytes(valid)
+    (folder / "testdata_new.txt").write_bytes(C2DSR_LINES[0] + b"\n")
+    return folder
+
+
+def c2dsr_rows(out: Path) -> list[tuple]:
+    """The validation rows by content: (user, ((item, timestamp), ...)), in file order."""
+    rows: dict[str, list] = {}
+    for r in pq.read_table(out / INTERACTIONS_FILE).to_pylist():
+        if r["split"] == "valid":
+            rows.setdefault(r["row"], [r["user"]]).append((r["item"], r["timestamp"]))
+    return [(row[0], tuple(row[1:])) for row in rows.values()]
+
+
+@fuzzed
+def test_c2dsr_sequences_survive_corrupted_lines(tmp_path_factory, plan) -> None:
+    from cdsr_pipeline.data.releases import ingest_c2dsr
+
+    work = tmp_path_factory.mktemp("c2dsr")
+    body, corrupted_lines = assemble(C2DSR_LINES, plan, corrupt_c2dsr, first_line=1)
+    ingest_c2dsr(c2dsr_with(work / "fuzzed", body), work / "out", NAMES)
+    ingest_c2dsr(c2dsr_with(work / "clean", untouched(C2DSR_LINES, plan)), work / "clean_out", NAMES)
+    quarantined = [r for r in pq.read_table(work / "out" / QUARANTINE_FILE).to_pylist() if r["source_file"].endswith("validdata_new.txt")]
+    kept, clean = c2dsr_rows(work / "out"), c2dsr_rows(work / "clean_out")
+    assert len(kept) + len(quarantined) == body.count(b"\n")  # every line kept or quarantined
+    assert all(record["line"] in corrupted_lines and record["reason"] for record in quarantined), quarantined
+    assert is_subsequence(clean, kept), (clean, kept)
+    assert len(kept) - len(clean) <= len(plan)
