@@ -41,6 +41,7 @@ def fault_classes(fuzz_examples: int) -> list[FaultClass]:
         FaultClass("killed mid-stage (ingest, sequences, encoding, training, report), one SIGKILL per stage in turn",
                    "tests/test_killed_runs.py", "every_stage", 5),
         FaultClass("killed mid-LLM-stage (augmentation)", "tests/test_killed_runs.py", "llm_stage", 1),
+        FaultClass("killed in the tag stages (vocabularies, then tag scores)", "tests/test_killed_runs.py", "tag_stages", 2),
         FaultClass("disk full (tmpfs of 40 KiB; artifacts, then Dagster's SQLite fill it)", "tests/test_disk_full.py", None, 1),
         FaultClass("concurrent runs on one storage root", "tests/test_concurrent_runs.py", None, 1),
         FaultClass("tampered artifacts (edited, truncated, wrong hash, code-running checkpoint)",

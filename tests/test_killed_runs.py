@@ -91,3 +91,42 @@ def test_an_llm_stage_killed_mid_way_resumes_without_asking_a_recorded_call_agai
     assert {key: after[key][:2] for key in after} == {key: value[:2] for key, value in expected_calls.items()}
     assert artifact_states(storage, LLM_ASSETS) == artifact_states(tmp_path / "reference", LLM_ASSETS)
     assert half_built_files(storage) == []
+
+
+TAG_ASSETS = ["raw_interactions", "cdsr_sequences", "item_text_embeddings", "domain_tag_vocabularies", "item_tag_scores"]
+TAG_CONFIG = """
+ops:
+  domain_tag_vocabularies: {config: {tags_per_domain: 6, queries: 2, min_valid_tags: 2}}
+  item_tag_scores: {config: {candidates: 3}}
+resources:
+  llm: {config: {n_threads: 1}}
+"""
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_the_tag_stages_killed_in_turn_resume_to_the_same_vocabulary_and_scores(tmp_path, seed):
+    source = tmp_path / "small-food-kitchen"
+    size = SampleSize(items_a=30, items_b=30, train_users=60, single_domain_users=5, valid_users=10, test_users=10)
+    cut_llmcdsr_sample(demo_data_dir(), source, size)
+    config = tmp_path / "config.yaml"
+    config.write_text(TAG_CONFIG)
+    args = demo_run_args(source, TAG_ASSETS, config)
+    reference = run_and_maybe_kill(tmp_path / "reference", args)
+    assert reference.returncode == 0, reference.output
+
+    rng = random.Random(seed)
+    storage = tmp_path / "killed"
+    kills = []
+    for stage in ("domain_tag_vocabularies", "item_tag_scores"):
+        killed = run_and_maybe_kill(storage, args, kill_in=stage, after_s=rng.uniform(0.2, 0.9) * reference.held[stage])
+        kills.append((stage, killed.returncode, killed.killed_in))
+        before = recorded_calls(storage)
+        resumed = run_and_maybe_kill(storage, args) if stage == "item_tag_scores" else None
+        if resumed is not None:
+            assert resumed.returncode == 0, f"needed a person: {kills}\n{resumed.output}"
+            after = recorded_calls(storage)
+            assert {key: after[key] for key in before} == before, "lost data: a recorded call was asked again"
+    assert any(code is None for _, code, _ in kills), kills
+    assert artifact_states(storage, TAG_ASSETS) == artifact_states(tmp_path / "reference", TAG_ASSETS), f"lost data: {kills}"
+    assert set(recorded_calls(storage)) == set(recorded_calls(tmp_path / "reference"))
+    assert half_built_files(storage) == []
