@@ -63,16 +63,22 @@ def test_a_run_killed_in_every_stage_in_turn_completes_with_the_same_artifacts(c
     assert sum(code is None for _, code, _ in kills) >= 2, kills  # the kills landed in runs
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_an_llm_stage_killed_mid_way_resumes_without_asking_a_recorded_call_again(tmp_path, seed):
+def _sample_reference(tmp_path: Path, size: SampleSize, config_text: str, assets: list[str]):
+    """The run arguments on a sample of the demo cut to ``size``, and an uninterrupted run of them."""
     source = tmp_path / "small-food-kitchen"
-    size = SampleSize(items_a=60, items_b=60, train_users=80, single_domain_users=5, valid_users=20, test_users=20)
     cut_llmcdsr_sample(demo_data_dir(), source, size)
     config = tmp_path / "config.yaml"
-    config.write_text(LLM_CONFIG)
-    args = demo_run_args(source, LLM_ASSETS, config)
+    config.write_text(config_text)
+    args = demo_run_args(source, assets, config)
     reference = run_and_maybe_kill(tmp_path / "reference", args)
     assert reference.returncode == 0, reference.output
+    return args, reference
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_an_llm_stage_killed_mid_way_resumes_without_asking_a_recorded_call_again(tmp_path, seed):
+    size = SampleSize(items_a=60, items_b=60, train_users=80, single_domain_users=5, valid_users=20, test_users=20)
+    args, reference = _sample_reference(tmp_path, size, LLM_CONFIG, LLM_ASSETS)
     expected_calls = recorded_calls(tmp_path / "reference")
 
     storage = tmp_path / "killed"
@@ -105,14 +111,8 @@ resources:
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_the_tag_stages_killed_in_turn_resume_to_the_same_vocabulary_and_scores(tmp_path, seed):
-    source = tmp_path / "small-food-kitchen"
     size = SampleSize(items_a=30, items_b=30, train_users=60, single_domain_users=5, valid_users=10, test_users=10)
-    cut_llmcdsr_sample(demo_data_dir(), source, size)
-    config = tmp_path / "config.yaml"
-    config.write_text(TAG_CONFIG)
-    args = demo_run_args(source, TAG_ASSETS, config)
-    reference = run_and_maybe_kill(tmp_path / "reference", args)
-    assert reference.returncode == 0, reference.output
+    args, reference = _sample_reference(tmp_path, size, TAG_CONFIG, TAG_ASSETS)
 
     rng = random.Random(seed)
     storage = tmp_path / "killed"
