@@ -220,3 +220,18 @@ def test_llm_stages_rerun_from_an_import_with_zero_calls(tmp_path):
         a = (tmp_path / "a" / "artifacts" / stage / name).read_bytes()
         b = (tmp_path / "b" / "artifacts" / stage / name).read_bytes()
         assert a == b, f"{stage}/{name} differs after import"
+
+
+def test_bulk_record_keeps_the_last_row_of_a_key_and_a_bad_batch_records_nothing(tmp_path):
+    with CallLog(tmp_path / "log.duckdb") as call_log:
+        ask(call_log, ["tea"], Answerer())
+        exported = read_call_export(export_calls(call_log, tmp_path / "one.parquet")[2][0]).to_pylist()[0]
+        row = {k: v for k, v in exported.items() if k != "prefix"} | {"prefix_hash": None, "server": None}
+        call_log.record([row | {"raw_answer": "first"}, row | {"raw_answer": "second"}])
+        assert call_log.lookup([row["key"]])[row["key"]].raw_answer == "second"
+        before = call_log.count()
+        with pytest.raises(Exception, match="NOT NULL"):
+            call_log.record([row | {"key": "other", "raw_answer": "x"}, row | {"key": "broken", "stage": None}])
+        assert call_log.count() == before and not call_log.lookup(["other", "broken"])  # one transaction
+        call_log.record([row | {"key": "text-time", "created_at": "2026-12-03 10:00:00"}])  # a run's timestamp text
+        assert call_log.lookup(["text-time"])

@@ -8,7 +8,7 @@ import torch
 
 from cdsr_pipeline.model.data import Domains
 from cdsr_pipeline.model.evaluate import negatives_digest, sample_negatives
-from cdsr_pipeline.model.metrics import hit_at, mrr, ndcg_at, summarize, target_ranks
+from cdsr_pipeline.model.metrics import hit_at, mrr, ndcg_at, paired_mrr_difference, summarize, target_ranks
 
 
 def test_rank_counts_only_strictly_higher_candidates():
@@ -93,3 +93,21 @@ def test_top_k_rows_equal_the_one_row_selection_with_ties_and_excluded_items(k):
     scores[3, [4, 9, 30]] = -torch.inf
     assert top_k_rows(scores, k) == [top_k_indices(row, k) for row in scores]
     assert top_k_rows(scores, k) == [torch.argsort(row, descending=True, stable=True)[:k].tolist() for row in scores]
+
+
+def test_paired_difference_is_the_mrr_difference_with_an_interval_around_it():
+    rng = np.random.default_rng(3)
+    reference = rng.integers(1, 50, size=400)
+    better = np.maximum(1, reference - rng.integers(0, 3, size=400))  # never worse, often better
+    difference, low, high = paired_mrr_difference(better, reference)
+    assert difference == pytest.approx(mrr(better) - mrr(reference))
+    assert 0 < low < difference < high
+    assert paired_mrr_difference(better, reference) == (difference, low, high)  # seeded
+    same, same_low, same_high = paired_mrr_difference(reference, reference)
+    assert same == same_low == same_high == 0.0
+    # pairing: every row a little better is a sure gain, however noisy the rows are
+    noisy = rng.integers(1, 1000, size=400)
+    _, low, _ = paired_mrr_difference(noisy, noisy + 1)
+    assert low > 0
+    with pytest.raises(ValueError, match="equal non-empty"):
+        paired_mrr_difference(reference, reference[:-1])

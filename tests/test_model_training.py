@@ -14,8 +14,9 @@ from model_synthetic import write_synthetic_features, write_synthetic_sequences
 from cdsr_pipeline.model import PRESETS, TrainConfig, TrainResult, load_model, train_model, write_report
 from cdsr_pipeline.model.data import Domains, load_sequences
 from cdsr_pipeline.model.evaluate import EvaluationSplit, evaluate
-from cdsr_pipeline.model.trainer import BEST_CHECKPOINT, keep_freed_memory_for_reuse, load_checkpoint
-from cdsr_pipeline.model.report import papers_results_for, protocol_label
+from cdsr_pipeline.model.trainer import BEST_CHECKPOINT, TEST_RANKS_FILE, keep_freed_memory_for_reuse, load_checkpoint
+from cdsr_pipeline.model.metrics import summarize
+from cdsr_pipeline.model.report import paired_comparisons, papers_results_for, protocol_label
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -67,7 +68,7 @@ def test_training_learns_the_synthetic_pattern(runs):
 
 def test_run_folder_holds_every_output(runs):
     tema = runs["tema"]
-    for name in ("config.json", "metrics.json", "epochs.parquet", "best.pt", "last.pt"):
+    for name in ("config.json", "metrics.json", "epochs.parquet", "best.pt", "last.pt", TEST_RANKS_FILE):
         assert (tema.out_dir / name).is_file()
     epochs = tema.epochs()
     assert epochs["epoch"].to_list() == [1, 2, 3, 4, 5, 6]
@@ -256,3 +257,28 @@ def test_the_report_gives_mean_and_spread_over_seeds(dataset, tmp_path):
     mean, spread = sum(values) / 3, statistics.stdev(values)
     assert f"| SASRec (bf16) | 3 | {mean:.2f} ± {spread:.2f} |" in text or f"| SASRec | 3 | {mean:.2f} ± {spread:.2f} |" in text
     assert "| popularity | 1 |" in text  # a run without seeds: its one value
+
+
+def test_the_best_checkpoints_test_ranks_give_its_metrics_and_pair_up_against_sasrec(runs, dataset, tmp_path):
+    sequences, features = dataset
+    tema = runs["tema"]
+    ranks = pl.read_parquet(tema.out_dir / TEST_RANKS_FILE)
+    recorded = tema.metrics["best_checkpoint"]["test"]
+    for domain in ("A", "B"):
+        rows = ranks.filter(pl.col("domain") == domain)
+        assert rows.height > 0 and rows["row"].n_unique() == rows.height
+        for protocol in ("sampled", "full"):
+            assert summarize(rows[f"rank_{protocol}"].to_numpy()) == pytest.approx(recorded[domain][protocol])
+    assert ranks["row"].n_unique() == ranks.height == len(load_sequences(sequences, "test", max_len=50).last_targets)
+    sasrec = train_model(sequences, features, _config("sasrec", epochs=2, name="SASRec"), tmp_path / "sasrec")
+    paired = paired_comparisons([sasrec, tema, runs["popularity"]])
+    assert set(paired) == {tema.name, runs["popularity"].name}  # every run but the reference
+    entry = paired[tema.name]["full"]["A"]
+    mrr_tema, mrr_sasrec = recorded["A"]["full"]["mrr"], sasrec.metrics["best_checkpoint"]["test"]["A"]["full"]["mrr"]
+    assert entry["difference"] == pytest.approx(mrr_tema - mrr_sasrec)
+    assert entry["ratio"] == pytest.approx(mrr_tema / mrr_sasrec)
+    assert entry["low"] <= entry["difference"] <= entry["high"]
+    text = write_report([sasrec, tema], tmp_path / "report").markdown.read_text()
+    assert "Against SASRec, paired over the test rows" in text
+    assert f"| {tema.name} | {entry['ratio']:.2f}x |" in text
+    assert paired_comparisons([tema]) == {}  # no reference: no comparison

@@ -29,14 +29,22 @@ from pydantic import Field
 from ..model import FeatureInputs, ModelConfig, TrainConfig, TrainResult, train_model, write_report
 from ..model.config import ABLATIONS, PRESETS
 from ..model.runs import RunSpec, plan_runs
-from ..model.trainer import run_identity, run_precision
+from ..model.trainer import (
+    BEST_CHECKPOINT,
+    CONFIG_FILE,
+    EPOCHS_FILE,
+    METRICS_FILE,
+    TEST_RANKS_FILE,
+    run_identity,
+    run_precision,
+)
 from ..resources import StorageResource
 from ..storage import ArtifactStore, MissingArtifactError, stable_hash
 from ._stage import HEAVY_TAG, DeclaredInputs, run_stage
 from .artifacts import EMBEDDINGS_FILE, STATS_FILE, VOCABULARY_FILE, matrix_file
 
 RUNS_DIR = "runs"
-KEPT_FILES = ("config.json", "epochs.parquet", "metrics.json", "best.pt")
+KEPT_FILES = (CONFIG_FILE, EPOCHS_FILE, METRICS_FILE, BEST_CHECKPOINT, TEST_RANKS_FILE)  # what a run folder publishes
 FEATURE_ASSETS = {
     "img": "item_image_embeddings",
     "tex": "item_text_embeddings",

@@ -19,6 +19,7 @@ import hashlib
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
@@ -66,6 +67,45 @@ class EvaluationSplit:
 
 
 @torch.no_grad()
+def split_ranks(
+    model: Recommender,
+    split: EvaluationSplit,
+    domains: Domains,
+    device: torch.device,
+    batch_size: int,
+    progress: bool = False,
+) -> dict[str, dict[str, np.ndarray]]:
+    """The target's rank in every row, ``{"A"|"B": {"row": row indices, "sampled": ranks, "full": ranks}}``.
+
+    Rows are indices into ``split.arrays`` (the split's order), so two runs' ranks on
+    the same split pair up row by row (:func:`~cdsr_pipeline.model.metrics.paired_mrr_difference`).
+    """
+    model.eval()
+    parts: dict[int, dict[str, list[np.ndarray]]] = {d: {"row": [], **{p: [] for p in PROTOCOLS}} for d in (0, 1)}
+    batches = list(evaluation_batches(split.arrays, domains, batch_size))
+    with model.fixed_weights():
+        for domain, rows in tqdm(batches, desc=f"evaluate {split.name}", leave=False, disable=not progress):
+            batch = make_batch(split.arrays, rows, domains, model.views).to(device)
+            scores = model.full_sort_predict(batch).float()
+            target_scores = scores.gather(1, batch.domains[domain].targets[:, None]).squeeze(1)
+            candidates = torch.from_numpy(split.negatives[rows]).to(device)
+            parts[domain]["row"].append(np.asarray(rows, dtype=np.int64))
+            parts[domain]["full"].append(target_ranks(target_scores, scores).cpu().numpy())
+            parts[domain]["sampled"].append(target_ranks(target_scores, scores.gather(1, candidates)).cpu().numpy())
+    return {
+        key: {name: np.concatenate(values) if values else np.empty(0, dtype=np.int64) for name, values in parts[domain].items()}
+        for domain, key in enumerate(DOMAIN_KEYS)
+    }
+
+
+def summarize_ranks(ranks: dict[str, dict[str, np.ndarray]]) -> dict[str, dict]:
+    """``{"A"|"B": {"rows": n, "sampled": {metric: value}, "full": {...}}}`` from :func:`split_ranks`."""
+    return {
+        key: {"rows": int(ranks[key]["full"].size), **{p: summarize(ranks[key][p]) for p in PROTOCOLS}}
+        for key in DOMAIN_KEYS
+    }
+
+
 def evaluate(
     model: Recommender,
     split: EvaluationSplit,
@@ -75,22 +115,18 @@ def evaluate(
     progress: bool = False,
 ) -> dict[str, dict]:
     """``{"A"|"B": {"rows": n, "sampled": {metric: value}, "full": {...}}}``."""
-    model.eval()
-    ranks: dict[int, dict[str, list[np.ndarray]]] = {d: {p: [] for p in PROTOCOLS} for d in (0, 1)}
-    batches = list(evaluation_batches(split.arrays, domains, batch_size))
-    with model.fixed_weights():
-        for domain, rows in tqdm(batches, desc=f"evaluate {split.name}", leave=False, disable=not progress):
-            batch = make_batch(split.arrays, rows, domains, model.views).to(device)
-            scores = model.full_sort_predict(batch).float()
-            target_scores = scores.gather(1, batch.domains[domain].targets[:, None]).squeeze(1)
-            candidates = torch.from_numpy(split.negatives[rows]).to(device)
-            ranks[domain]["full"].append(target_ranks(target_scores, scores).cpu().numpy())
-            ranks[domain]["sampled"].append(target_ranks(target_scores, scores.gather(1, candidates)).cpu().numpy())
-    result = {}
-    for domain, key in enumerate(DOMAIN_KEYS):
-        merged = {p: np.concatenate(ranks[domain][p]) if ranks[domain][p] else np.empty(0) for p in PROTOCOLS}
-        result[key] = {"rows": int(merged["full"].size), **{p: summarize(merged[p]) for p in PROTOCOLS}}
-    return result
+    return summarize_ranks(split_ranks(model, split, domains, device, batch_size, progress))
+
+
+def ranks_table(ranks: dict[str, dict[str, np.ndarray]]) -> pa.Table:
+    """:func:`split_ranks` as one table: ``row``, ``domain``, ``rank_sampled``, ``rank_full``."""
+    return pa.table(
+        {
+            "row": np.concatenate([ranks[k]["row"] for k in DOMAIN_KEYS]),
+            "domain": [k for k in DOMAIN_KEYS for _ in range(ranks[k]["row"].size)],
+            **{f"rank_{p}": np.concatenate([ranks[k][p] for k in DOMAIN_KEYS]).astype(np.int64) for p in PROTOCOLS},
+        }
+    )
 
 
 def flatten_metrics(split: str, metrics: dict[str, dict]) -> dict[str, float]:

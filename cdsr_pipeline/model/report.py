@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import matplotlib
 
 matplotlib.use("Agg")
@@ -28,12 +30,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from ..storage import atomic_write_text  # noqa: E402
 from .evaluate import DOMAIN_KEYS, PROTOCOLS, metric_column  # noqa: E402
-from .metrics import METRICS  # noqa: E402
+from .metrics import METRICS, mrr, paired_mrr_difference  # noqa: E402
 from .config import config_to_dict  # noqa: E402
-from .trainer import TrainResult  # noqa: E402
+from .trainer import TEST_RANKS_FILE, TrainResult  # noqa: E402
 
 METRIC_LABELS = {"mrr": "MRR", "ndcg_5": "NDCG@5", "ndcg_10": "NDCG@10", "hr_10": "HR@10"}
 PAPERS_NEGATIVES = 999
+REFERENCE_RUN = "SASRec"
+"""The baseline every other run is compared with, row by row on the test set (the
+papers' headline ratio is TEMA-LLM's MRR over SASRec's)."""
 
 
 def protocol_label(protocol: str, negatives: int) -> str:
@@ -193,6 +198,7 @@ def write_report(
     dataset = results[0].metrics["dataset"]
     title = title or f"Evaluation report: {dataset}"
 
+    paired = paired_comparisons(results)
     doc = _Document()
     doc.heading(1, title)
     _data_section(doc, stats, names, results)
@@ -218,6 +224,16 @@ def write_report(
         doc.table(*_results_table(results, names, protocol, per_domain=True))
         doc.heading(3, "Best checkpoint")
         doc.table(*_results_table(results, names, protocol, per_domain=False))
+        if paired and any(protocol in by_protocol for by_protocol in paired.values()):
+            doc.heading(3, f"Against {REFERENCE_RUN}, paired over the test rows (best checkpoint)")
+            doc.paragraph(
+                f"Each run's test MRR as a multiple of {REFERENCE_RUN}'s, and the difference in MRR points with its 95% "
+                "paired bootstrap interval (10,000 resamples of the test rows, seed 0): both runs ranked the same rows "
+                "against the same negatives, so the interval reflects the test sample, not the seed. An interval that "
+                "contains 0 is no evidence of a difference on this test set; one run per model does not measure "
+                "training noise (see the seeds table where there is one)."
+            )
+            doc.table(*_paired_table(paired, names, protocol))
         if any(len(group) > 1 for group in seed_groups(results).values()):
             doc.heading(3, "Mean and spread over seeds (best checkpoint)")
             doc.paragraph(
@@ -240,7 +256,8 @@ def write_report(
             doc.table(*_ablation_table([r for r in results if r.config.ablation_group == group], names))
 
     markdown, html_path = out_dir / "report.md", out_dir / "report.html"
-    atomic_write_text(out_dir / METRICS_FILE, json.dumps(metrics_summary(results, stats, missing), indent=2))
+    summary = metrics_summary(results, stats, missing) | {"paired_against_reference": {"reference": REFERENCE_RUN, "runs": paired}}
+    atomic_write_text(out_dir / METRICS_FILE, json.dumps(summary, indent=2))
     atomic_write_text(markdown, doc.markdown())
     atomic_write_text(html_path, doc.html(title))
     return ReportPaths(markdown=markdown, html=html_path, figures=[path for path, _ in figures])
@@ -279,6 +296,76 @@ def metrics_summary(results: Sequence[TrainResult], stats: dict, missing: Sequen
         "runs": runs,
         "missing_model_assets": list(missing),
     }
+
+
+def _test_ranks(result: TrainResult) -> pa.Table | None:
+    path = result.out_dir / TEST_RANKS_FILE
+    return pq.read_table(path) if path.is_file() else None
+
+
+def paired_comparisons(results: Sequence[TrainResult]) -> dict[str, dict]:
+    """Each run against :data:`REFERENCE_RUN` on the same test rows (best checkpoints):
+    ``{run: {protocol: {domain: {"ratio", "difference", "low", "high", "rows"}}}}``.
+
+    Empty when the reference is absent or has no per-row ranks; runs without ranks
+    (trained before runs kept them) are left out.
+    """
+    reference = next((r for r in results if r.name == REFERENCE_RUN), None)
+    reference_ranks = _test_ranks(reference) if reference is not None else None
+    if reference_ranks is None:
+        return {}
+    out: dict[str, dict] = {}
+    for result in results:
+        ranks = _test_ranks(result) if result is not reference else None
+        if ranks is None:
+            continue
+        out[result.name] = {}
+        for protocol in PROTOCOLS:
+            out[result.name][protocol] = {}
+            for key in DOMAIN_KEYS:
+                mine, theirs = (_domain_ranks(table, key, protocol) for table in (ranks, reference_ranks))
+                if not np.array_equal(mine[0], theirs[0]):
+                    raise ValueError(f"{result.name} and {REFERENCE_RUN} ranked different test rows: not paired")
+                if not mine[0].size:
+                    continue
+                difference, low, high = paired_mrr_difference(mine[1], theirs[1])
+                out[result.name][protocol][key] = {
+                    "ratio": mrr(mine[1]) / mrr(theirs[1]),
+                    "difference": difference,
+                    "low": low,
+                    "high": high,
+                    "rows": int(mine[0].size),
+                }
+    return out
+
+
+def _domain_ranks(table: pa.Table, domain: str, protocol: str) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, ranks) of one domain, by row index."""
+    rows = table.column("row").to_numpy()
+    ranks = table.column(f"rank_{protocol}").to_numpy()
+    mask = np.asarray(table.column("domain").to_pylist()) == domain
+    order = np.argsort(rows[mask], kind="stable")
+    return rows[mask][order], ranks[mask][order]
+
+
+def _paired_table(paired: dict[str, dict], names: dict, protocol: str) -> tuple[list[str], list[list[str]]]:
+    header = ["Model"] + [
+        label for k in DOMAIN_KEYS for label in (f"MRR ratio ({names[k]})", f"Δ MRR, 95% interval ({names[k]})")
+    ]
+    rows = []
+    for name, by_protocol in paired.items():
+        cells = []
+        for key in DOMAIN_KEYS:
+            entry = by_protocol.get(protocol, {}).get(key)
+            if entry is None:
+                cells += ["-", "-"]
+                continue
+            cells += [
+                f"{entry['ratio']:.2f}x",
+                f"{100 * entry['difference']:+.2f} [{100 * entry['low']:+.2f}, {100 * entry['high']:+.2f}]",
+            ]
+        rows.append([name] + cells)
+    return header, rows
 
 
 def _data_section(doc: _Document, stats: dict, names: dict, results: list[TrainResult]) -> None:

@@ -69,10 +69,12 @@ from .evaluate import (
     DOMAIN_KEYS,
     PROTOCOLS,
     EvaluationSplit,
-    evaluate,
     flatten_metrics,
     metric_column,
     negatives_digest,
+    ranks_table,
+    split_ranks,
+    summarize_ranks,
 )
 from .metrics import METRICS
 
@@ -83,6 +85,9 @@ EPOCHS_FILE = "epochs.parquet"
 METRICS_FILE = "metrics.json"
 BEST_CHECKPOINT = "best.pt"
 LAST_CHECKPOINT = "last.pt"
+TEST_RANKS_FILE = "test_ranks.parquet"
+"""The target's rank in every test row at the best checkpoint (both protocols): what
+paired comparisons of two runs on the same rows read (the report's "Against SASRec")."""
 CHECKPOINT_FORMAT = 1
 
 
@@ -349,10 +354,12 @@ def train_model(sequences_dir: Path, features: FeatureInputs, config: TrainConfi
         )
         trained = time.perf_counter()
         row: dict[str, Any] = {"epoch": epoch, "train_loss": loss, "train_examples": examples}
+        test_ranks = None
         if main:
             for split in (data.valid, data.test):
-                split_metrics = evaluate(model, split, data.domains, device, config.eval_batch_size, config.progress)
-                row.update(flatten_metrics(split.name, split_metrics))
+                ranks = split_ranks(model, split, data.domains, device, config.eval_batch_size, config.progress)
+                row.update(flatten_metrics(split.name, summarize_ranks(ranks)))
+            test_ranks = ranks
         finished = time.perf_counter()
         row.update(train_seconds=trained - started, eval_seconds=finished - trained, epoch_seconds=finished - started)
         if group is not None:  # the epoch as rank 0 evaluated it: every process takes the same decisions
@@ -366,6 +373,7 @@ def train_model(sequences_dir: Path, features: FeatureInputs, config: TrainConfi
                     {"format": CHECKPOINT_FORMAT, "identity": identity, "epoch": epoch, "model": model.state_dict()},
                     out_dir / BEST_CHECKPOINT,
                 )
+                write_parquet_atomic(ranks_table(test_ranks), out_dir / TEST_RANKS_FILE)
         else:
             state["bad_epochs"] += 1
             state["stopped"] = state["bad_epochs"] >= config.patience
