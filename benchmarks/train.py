@@ -59,7 +59,7 @@ from cdsr_pipeline.model.data import (
     training_batches,
     training_item_counts,
 )
-from cdsr_pipeline.model.evaluate import EvaluationSplit, evaluate
+from cdsr_pipeline.model.evaluate import EvaluationSplit, split_ranks
 from cdsr_pipeline.model.layers import keeps_logits
 from cdsr_pipeline.hardware import cpu_model, resolve_precision
 from cdsr_pipeline.model.trainer import keep_freed_memory_for_reuse, resolve_device
@@ -233,7 +233,7 @@ def measure(model_name: str, sequences: Path, features: FeatureInputs, args: arg
     for split in ("valid", "test"):
         arrays = load_sequences(sequences, split, max_len=config.max_len)
         split_data = EvaluationSplit.create(split, arrays, domains, config.num_negatives, config.negatives_seed)
-        evaluate(model, split_data, domains, device, config.eval_batch_size)
+        split_ranks(model, split_data, domains, device, config.eval_batch_size)
         eval_rows += len(arrays)
     if device.type == "cuda":
         torch.cuda.synchronize()

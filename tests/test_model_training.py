@@ -13,7 +13,7 @@ from model_synthetic import write_synthetic_features, write_synthetic_sequences
 
 from cdsr_pipeline.model import PRESETS, TrainConfig, TrainResult, load_model, train_model, write_report
 from cdsr_pipeline.model.data import Domains, load_sequences
-from cdsr_pipeline.model.evaluate import EvaluationSplit, evaluate
+from cdsr_pipeline.model.evaluate import EvaluationSplit, split_ranks, summarize_ranks
 from cdsr_pipeline.model.trainer import BEST_CHECKPOINT, TEST_RANKS_FILE, keep_freed_memory_for_reuse, load_checkpoint
 from cdsr_pipeline.model.metrics import summarize
 from cdsr_pipeline.model.report import paired_comparisons, papers_results_for, protocol_label
@@ -125,7 +125,7 @@ def test_best_checkpoint_loads_weights_only_and_reproduces_its_metrics(runs, dat
     model = load_model(tema.out_dir, sequences, features)
     domains = Domains.load(sequences)
     test = EvaluationSplit.create("test", load_sequences(sequences, "test", max_len=50), domains, 20, 0)
-    recomputed = evaluate(model, test, domains, torch.device("cpu"), 256)
+    recomputed = summarize_ranks(split_ranks(model, test, domains, torch.device("cpu"), 256))
     recorded = tema.metrics["best_checkpoint"]["test"]
     for domain in ("A", "B"):
         for protocol in ("sampled", "full"):

@@ -79,12 +79,6 @@ ALTER TABLE {_TABLE} ADD COLUMN IF NOT EXISTS server VARCHAR;
 """
 
 
-_LOG_ARROW_SCHEMA = pa.schema(
-    [(name, pa.int32() if name == "attempts" else pa.float64() if name == "latency_s" else pa.timestamp("us") if name == "created_at" else pa.string()) for name in _COLUMNS]
-)
-"""The log's columns as Arrow types, for :meth:`CallLog.record`'s bulk insert."""
-
-
 def _log_cell(column: str, value: Any) -> Any:
     # created_at arrives as text from a run ("2026-12-03 10:00:00") and as a datetime from an import
     if column == "created_at" and isinstance(value, str):
@@ -469,6 +463,11 @@ EXPORT_SCHEMA = pa.schema(
     ],
     metadata={"format": EXPORT_FORMAT},
 )
+_LOG_ARROW_SCHEMA = pa.schema(
+    [EXPORT_SCHEMA.field(name) if name in EXPORT_SCHEMA.names else pa.field(name, pa.string()) for name in _COLUMNS]
+)
+"""The log's columns as Arrow types, for :meth:`CallLog.record`'s bulk insert: the
+export's types, and text for the two columns an export does not carry (prefix_hash, server)."""
 STAGES = {"augmentation": "augmentation", "vocabulary": "domain_vocabulary", "tag_scores": "item_tag_scores"}
 """Short names (``cdsr llm-log export --stage``) of the stages as the log records them."""
 

@@ -106,18 +106,6 @@ def summarize_ranks(ranks: dict[str, dict[str, np.ndarray]]) -> dict[str, dict]:
     }
 
 
-def evaluate(
-    model: Recommender,
-    split: EvaluationSplit,
-    domains: Domains,
-    device: torch.device,
-    batch_size: int,
-    progress: bool = False,
-) -> dict[str, dict]:
-    """``{"A"|"B": {"rows": n, "sampled": {metric: value}, "full": {...}}}``."""
-    return summarize_ranks(split_ranks(model, split, domains, device, batch_size, progress))
-
-
 def ranks_table(ranks: dict[str, dict[str, np.ndarray]]) -> pa.Table:
     """:func:`split_ranks` as one table: ``row``, ``domain``, ``rank_sampled``, ``rank_full``."""
     return pa.table(

@@ -354,12 +354,11 @@ def train_model(sequences_dir: Path, features: FeatureInputs, config: TrainConfi
         )
         trained = time.perf_counter()
         row: dict[str, Any] = {"epoch": epoch, "train_loss": loss, "train_examples": examples}
-        test_ranks = None
+        ranks: dict[str, dict] = {}
         if main:
             for split in (data.valid, data.test):
-                ranks = split_ranks(model, split, data.domains, device, config.eval_batch_size, config.progress)
-                row.update(flatten_metrics(split.name, summarize_ranks(ranks)))
-            test_ranks = ranks
+                ranks[split.name] = split_ranks(model, split, data.domains, device, config.eval_batch_size, config.progress)
+                row.update(flatten_metrics(split.name, summarize_ranks(ranks[split.name])))
         finished = time.perf_counter()
         row.update(train_seconds=trained - started, eval_seconds=finished - trained, epoch_seconds=finished - started)
         if group is not None:  # the epoch as rank 0 evaluated it: every process takes the same decisions
@@ -373,7 +372,7 @@ def train_model(sequences_dir: Path, features: FeatureInputs, config: TrainConfi
                     {"format": CHECKPOINT_FORMAT, "identity": identity, "epoch": epoch, "model": model.state_dict()},
                     out_dir / BEST_CHECKPOINT,
                 )
-                write_parquet_atomic(ranks_table(test_ranks), out_dir / TEST_RANKS_FILE)
+                write_parquet_atomic(ranks_table(ranks["test"]), out_dir / TEST_RANKS_FILE)
         else:
             state["bad_epochs"] += 1
             state["stopped"] = state["bad_epochs"] >= config.patience
