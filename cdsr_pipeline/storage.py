@@ -67,20 +67,28 @@ class FileHashCache:
     """Content hashes of input files, recomputed only when size or mtime change.
 
     Raw Amazon dumps are gigabytes; hashing them on every run would cost more than
-    the skip saves. The cache is a small JSON file written atomically.
+    the skip saves. The cache is a small JSON file written atomically, or, with no
+    ``path``, this process's memory (:data:`PROCESS_FILE_HASHES`: files outside any
+    storage root, such as the installed LLM weights).
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | None):
         self.path = path
         self._lock = threading.Lock()
+        self._memory: dict[str, dict[str, Any]] = {}
 
     def _load(self) -> dict[str, dict[str, Any]]:
+        if self.path is None:
+            return self._memory
         try:
             return json.loads(self.path.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return {}
 
     def _save(self, entries: dict[str, dict[str, Any]]) -> None:
+        if self.path is None:
+            self._memory = entries
+            return
         atomic_write_text(self.path, json.dumps(entries, indent=1, sort_keys=True))
 
     @staticmethod
@@ -119,6 +127,10 @@ class FileHashCache:
             self._save(entries)
 
 
+PROCESS_FILE_HASHES = FileHashCache(None)
+"""Hashes of files outside a storage root, kept for this process's lifetime."""
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -132,27 +144,36 @@ an artifact (or an export meant to be shared) would otherwise be readable by its
 
 def temp_file_beside(target: Path) -> tuple[int, str]:
     """A new hidden temporary file in ``target``'s folder (made if missing), open, with the
-    mode a plain ``open()`` would give ``target``: what every atomic writer renames
-    into place. Returns (file descriptor, path)."""
+    mode a plain ``open()`` would give ``target``. Returns (file descriptor, path)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.fchmod(fd, _FILE_MODE)
     return fd, tmp
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
-    fd, tmp = temp_file_beside(Path(path))
+@contextlib.contextmanager
+def atomic_target(path: str | os.PathLike[str]) -> Iterator[str]:
+    """The one way this package writes a file: a temporary path beside ``path`` to write
+    to, which replaces ``path`` when the block ends without an exception and is removed
+    otherwise, so that readers see the old file or the new one, never half of one."""
+    target = Path(path)
+    fd, tmp = temp_file_beside(target)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        yield tmp
+        os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_target`), synced to disk."""
+    with atomic_target(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
@@ -160,17 +181,9 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 
 
 def write_parquet_atomic(table: pa.Table, path: str | os.PathLike[str], **kwargs: Any) -> None:
-    """``pyarrow.parquet.write_table`` through a temporary file and ``os.replace``."""
-    target = Path(path)
-    fd, tmp = temp_file_beside(target)
-    os.close(fd)
-    try:
+    """``pyarrow.parquet.write_table`` through :func:`atomic_target` (zstd unless told)."""
+    with atomic_target(path) as tmp:
         pq.write_table(table, tmp, compression=kwargs.pop("compression", "zstd"), **kwargs)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 @dataclass

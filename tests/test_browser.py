@@ -212,7 +212,8 @@ def test_the_report_page_shows_its_tables_and_every_learning_curve_loads(browser
     from model_synthetic import write_synthetic_features, write_synthetic_sequences
     from selenium.webdriver.common.by import By
 
-    from cdsr_pipeline.model import PRESETS, TrainConfig, train_model, write_report
+    from cdsr_pipeline.model import PRESETS, TrainConfig, train_model
+    from cdsr_pipeline.report import write_report
 
     sequences = write_synthetic_sequences(tmp_path / "sequences", names=("Food", "Kitchen"))
     features = write_synthetic_features(tmp_path / "features", num_items=50)

@@ -10,7 +10,8 @@ import pyarrow as pa
 import pytest
 
 from cdsr_pipeline.data.schema import DOMAIN_TAGS, ITEM_TAG_SCORES, ITEMS, TAG_VOCABULARY
-from cdsr_pipeline.llm import CallLog, TagMatrixConfig, build_tag_matrix, static_tag_matrix
+from cdsr_pipeline.features.tag_matrix import TagMatrixConfig, build_tag_matrix, static_tag_matrix
+from cdsr_pipeline.llm import CallLog
 from cdsr_pipeline.llm.augment import AugmentationConfig, augmentation_request
 from cdsr_pipeline.llm.calllog import Answer, AnswerError, LLMCall, reseed, run_logged_calls
 from cdsr_pipeline.llm.embedded import resolve_model
@@ -226,7 +227,7 @@ def test_call_log_is_locked_against_a_second_process(tmp_path):
 
 
 def test_tag_informativeness_shows_a_tag_every_item_shares():
-    from cdsr_pipeline.llm import tag_informativeness
+    from cdsr_pipeline.features.tag_matrix import tag_informativeness
 
     items = pa.table({"item_id": [0, 1, 2, 3], "domain_name": ["Food", "Food", "Food", "Kitchen"]})
     vocabulary = pa.table({"tag_id": pa.array([0, 1, 2], pa.int32()), "tag": ["food", "tea", "pans"]})

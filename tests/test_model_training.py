@@ -11,12 +11,12 @@ import torch
 
 from model_synthetic import write_synthetic_features, write_synthetic_sequences
 
-from cdsr_pipeline.model import PRESETS, TrainConfig, TrainResult, load_model, train_model, write_report
+from cdsr_pipeline.model import PRESETS, TrainConfig, TrainResult, load_model, train_model
 from cdsr_pipeline.model.data import Domains, load_sequences
 from cdsr_pipeline.model.evaluate import EvaluationSplit, split_ranks, summarize_ranks
 from cdsr_pipeline.model.trainer import BEST_CHECKPOINT, TEST_RANKS_FILE, keep_freed_memory_for_reuse, load_checkpoint
 from cdsr_pipeline.model.metrics import summarize
-from cdsr_pipeline.model.report import paired_comparisons, papers_results_for, protocol_label
+from cdsr_pipeline.report import paired_comparisons, papers_results_for, protocol_label, write_report
 
 
 @pytest.fixture(scope="module", autouse=True)

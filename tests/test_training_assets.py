@@ -40,7 +40,7 @@ def test_each_model_depends_only_on_what_it_reads():
     }
     assert _deps("tema_llm_model") == _deps("llm_emf_model") | {"item_tag_matrix", "domain_tag_vocabularies"}
     assert _deps("tema_llm_title_model") == _deps("llm_emf_title_model") | {"item_tag_matrix", "domain_tag_vocabularies"}
-    assert _deps("evaluation_report") == {spec.name for spec in TRAINING_ASSETS}
+    assert _deps("evaluation_report") == {spec.name for spec in TRAINING_ASSETS} | {"cdsr_sequences"}
 
 
 def test_undeclared_input_is_refused(tmp_path):
@@ -66,7 +66,13 @@ def test_sasrec_trains_without_any_llm_stage_and_report_lists_missing(tmp_path):
     result = dg.materialize(
         [*defs.assets, *defs.asset_checks],
         resources=resources,
-        run_config={"ops": {"sasrec_model": {"config": TRAINING}, "popularity_model": {"config": TRAINING}}},
+        run_config={
+            "ops": {
+                "sasrec_model": {"config": TRAINING},
+                # the runs an asset adds (another seed, the single-domain users) train from the spec they extend
+                "popularity_model": {"config": TRAINING | {"extra_seeds": [1], "also_with_single_domain_users": True}},
+            }
+        },
         selection=selection,
     )
     assert result.success
@@ -78,6 +84,9 @@ def test_sasrec_trains_without_any_llm_stage_and_report_lists_missing(tmp_path):
     # the model's metrics are plain numbers Dagster can plot over materializations
     assert isinstance(meta["sasrec_model"]["test MRR Grocery and Gourmet Food (full)"].value, float)
     assert meta["sasrec_model"]["epochs run"].value == 2
+    assert sorted(meta["popularity_model"]["runs"].value) == [
+        "Popularity", "Popularity (seed 1)", "Popularity + single-domain users", "Popularity + single-domain users (seed 1)"
+    ]
     report = (artifacts / "evaluation_report" / "report.md").read_text()
     assert "SASRec" in report and "Popularity" in report
     assert "`tema_llm_model`" in report and "Not in this report" in report
@@ -134,6 +143,19 @@ def test_single_domain_users_add_a_separately_named_run():
     ]
     assert configs[0].identity_hash() != configs[1].identity_hash()
     assert len(TrainingSettings().run_configs(plan_runs(["sasrec"]))) == 1
+
+
+def test_every_run_of_an_asset_comes_from_its_spec():
+    from cdsr_pipeline.assets.training import TrainingSettings
+    from cdsr_pipeline.model.runs import plan_runs, spec_of
+
+    specs = plan_runs(["tema_llm", "sasrec"], ["tema_table5"])
+    configs = TrainingSettings(extra_seeds=[1, 2], also_with_single_domain_users=True).run_configs(specs)
+    assert len(configs) == len(specs) * 2 * 3
+    for config in configs:
+        spec = spec_of(config, specs)
+        assert config.model == spec.model and config.ablation_group == spec.ablation_group
+        assert config.name.startswith(spec.name)
 
 
 def test_extra_seeds_add_runs_named_by_their_seed():

@@ -29,16 +29,33 @@ def _config_type(annotation: Any) -> Any:
     return annotation
 
 
-def dagster_config(library: type, name: str, doc: str) -> type[dg.Config]:
-    """A ``dg.Config`` class named ``name`` with the fields of the dataclass ``library``."""
+def dagster_fields(
+    library: type, *, include: tuple[str, ...] | None = None, exclude: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The fields of the dataclass ``library`` (those in ``include``, or all but ``exclude``)
+    as ``pydantic.create_model`` takes them: type, default and launchpad description."""
     hints = typing.get_type_hints(library)
     fields: dict[str, Any] = {}
     for field in dataclasses.fields(library):
+        if field.name in exclude or (include is not None and field.name not in include):
+            continue
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         if isinstance(default, tuple):
             default = list(default)
         description = field.metadata.get("doc")
         fields[field.name] = (_config_type(hints[field.name]), pydantic.Field(default=default, description=description))
-    model = pydantic.create_model(name, __base__=dg.Config, __doc__=doc, **fields)
+    missing = set(include or ()) - set(fields)
+    if missing:
+        raise ValueError(f"{library.__name__} has no field(s) {sorted(missing)}")
+    return fields
+
+
+def dagster_config(
+    library: type, name: str, doc: str, *, base: type[dg.Config] = dg.Config, fields: dict[str, Any] | None = None
+) -> type[dg.Config]:
+    """A ``dg.Config`` class named ``name`` with the fields of the dataclass ``library``
+    (or the ``fields`` given, from :func:`dagster_fields` of one or more dataclasses), on
+    ``base`` (which adds fields of its own, or methods)."""
+    model = pydantic.create_model(name, __base__=base, __doc__=doc, **(fields if fields is not None else dagster_fields(library)))
     model.__module__ = library.__module__
     return model

@@ -1,10 +1,20 @@
-"""The artifact contract: the files each asset writes into its folder of the store, in
-one place. A stage reads another stage's files through these names (and only the files
-of its declared dependencies: see ``_stage.DeclaredInputs``), never by a literal."""
+"""The artifact contract: the files each asset writes into its folder of the store, their
+schemas, and the typed readers through which a stage opens another stage's files, in one
+place. The readers take a :class:`AssetFiles` (``_stage.DeclaredInputs``), which opens only
+the files of the stage's declared dependencies, so what a stage reads is what its
+fingerprint covers; no stage names another's file by a literal."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Protocol
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from ..data.ingest import INTERACTIONS_FILE, ITEMS_FILE, QUARANTINE_FILE
+from ..data.schema import AUGMENTED_TEXT, DOMAIN_TAGS, ITEM_TAG_SCORES, ITEMS, TAG_VOCABULARY
 from ..data.sequences import DOMAINS_FILE, ITEMS_OUT, STATS_FILE
 
 __all__ = [
@@ -20,7 +30,18 @@ __all__ = [
     "SCORES_FILE",
     "STATS_FILE",
     "VOCABULARY_FILE",
+    "ArtifactContractError",
+    "AssetFiles",
+    "embeddings_path",
     "matrix_file",
+    "read_augmented_text",
+    "read_domain_tags",
+    "read_items",
+    "read_sequence_stats",
+    "read_tag_scores",
+    "read_tag_vocabulary",
+    "tag_matrix_path",
+    "tag_vocabulary_path",
 ]
 
 # raw_interactions: INTERACTIONS_FILE, ITEMS_FILE, QUARANTINE_FILE (data.ingest)
@@ -43,3 +64,68 @@ SCORES_FILE = "scores.parquet"
 def matrix_file(variant: str) -> str:
     """item_tag_matrix: the matrix of ``default``, ``static`` or ``<selection>-<representation>``."""
     return f"matrix-{variant}.parquet"
+
+
+class AssetFiles(Protocol):
+    """Where a stage finds its inputs' files (``_stage.DeclaredInputs``: declared deps only)."""
+
+    def path(self, asset: str, name: str) -> Path: ...
+
+
+class ArtifactContractError(RuntimeError):
+    """An artifact file lacks a column its contract names (written by other code, or edited)."""
+
+
+def _read(files: AssetFiles, asset: str, name: str, schema: pa.Schema) -> pa.Table:
+    path = files.path(asset, name)
+    table = pq.read_table(path)
+    missing = [field.name for field in schema if field.name not in table.schema.names]
+    if missing:
+        raise ArtifactContractError(f"{path}: no column(s) {', '.join(missing)}, which the artifact contract of {asset} names")
+    return table
+
+
+def read_items(files: AssetFiles) -> pa.Table:
+    """cdsr_sequences: the kept items (``data.schema.ITEMS``), in id order."""
+    return _read(files, "cdsr_sequences", ITEMS_OUT, ITEMS)
+
+
+def read_sequence_stats(files: AssetFiles) -> dict:
+    """cdsr_sequences: the split's statistics (the papers' Table 1 and the filter's counts)."""
+    return json.loads(files.path("cdsr_sequences", STATS_FILE).read_text())
+
+
+def read_augmented_text(files: AssetFiles) -> pa.Table:
+    """llm_augmented_text: the LLM's text per item (``data.schema.AUGMENTED_TEXT``)."""
+    return _read(files, "llm_augmented_text", AUGMENTED_FILE, AUGMENTED_TEXT)
+
+
+def read_domain_tags(files: AssetFiles) -> pa.Table:
+    """domain_tag_vocabularies: the voted tags of each domain (``data.schema.DOMAIN_TAGS``)."""
+    return _read(files, "domain_tag_vocabularies", DOMAIN_TAGS_FILE, DOMAIN_TAGS)
+
+
+def read_tag_vocabulary(files: AssetFiles) -> pa.Table:
+    """domain_tag_vocabularies: tag id -> tag over both domains (``data.schema.TAG_VOCABULARY``)."""
+    return _read(files, "domain_tag_vocabularies", VOCABULARY_FILE, TAG_VOCABULARY)
+
+
+def read_tag_scores(files: AssetFiles) -> pa.Table:
+    """item_tag_scores: relevance of (item, tag) pairs (``data.schema.ITEM_TAG_SCORES``)."""
+    return _read(files, "item_tag_scores", SCORES_FILE, ITEM_TAG_SCORES)
+
+
+def embeddings_path(files: AssetFiles, asset: str) -> Path:
+    """The embedding table of ``asset`` (item_text_embeddings, item_image_embeddings,
+    item_llm_text_embeddings), which the models read in their own loader."""
+    return files.path(asset, EMBEDDINGS_FILE)
+
+
+def tag_matrix_path(files: AssetFiles, variant: str) -> Path:
+    """item_tag_matrix: the matrix of ``variant`` (``default``, ``static``, ``<selection>-<representation>``)."""
+    return files.path("item_tag_matrix", matrix_file(variant))
+
+
+def tag_vocabulary_path(files: AssetFiles) -> Path:
+    """domain_tag_vocabularies: the vocabulary file, for readers that open it themselves."""
+    return files.path("domain_tag_vocabularies", VOCABULARY_FILE)

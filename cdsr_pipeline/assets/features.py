@@ -1,18 +1,17 @@
 """Stage 2: frozen item features (text and image embeddings) as parquet keyed by item id."""
 
 import dagster as dg
-import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import Field
 
-from ..features.embeddings import absent_embeddings, encode_item_images, encode_item_texts
+from ..features.embeddings import absent_embeddings, embedding_table_problems, encode_item_images, encode_item_texts
 from ..features.encoders import load_image_encoder, load_text_encoder
 from ..features.images import ImageFetchConfig, ImageFetcher
 from ..resources import ImageEncoderResource, StorageResource, TextEncoderResource
 from ..storage import write_parquet_atomic
-from ._stage import HEAVY_TAG, run_stage
-from .artifacts import EMBEDDINGS_FILE, ISSUES_FILE, ITEMS_OUT
+from ._config import dagster_config, dagster_fields
+from ._stage import HEAVY_TAG, DeclaredInputs, run_stage
+from .artifacts import EMBEDDINGS_FILE, ISSUES_FILE, ITEMS_OUT, read_items
 
 
 
@@ -28,9 +27,10 @@ def item_text_embeddings(
     context: dg.AssetExecutionContext, storage: StorageResource, text_encoder: TextEncoderResource
 ) -> dg.MaterializeResult:
     store = storage.store()
+    inputs = DeclaredInputs.of(context, store)
 
     def build(folder):
-        items = pq.read_table(store.path("cdsr_sequences", ITEMS_OUT))
+        items = read_items(inputs)
         encoder = load_text_encoder(text_encoder.spec())
         table, stats = encode_item_texts(items, encoder, store.cache_dir("features"))
         write_parquet_atomic(table, folder / EMBEDDINGS_FILE)
@@ -39,18 +39,14 @@ def item_text_embeddings(
     return run_stage(context, store, build=build, extra_inputs={"text_encoder": text_encoder.fingerprint(store)})
 
 
-class ImageFetchSettings(dg.Config):
-    """Limits for fetching item images (URLs are cached by content; see features/images.py)."""
-
-    max_bytes: int = Field(default=16 * 1024 * 1024, description="Largest accepted image file.")
-    max_pixels: int = Field(default=25_000_000, description="Largest accepted width x height (decompression bombs).")
-    timeout_s: float = Field(default=20.0, description="Limit for one HTTP request.")
-    retries: int = Field(default=2, description="Further attempts after a transient failure.")
-    concurrency: int = Field(default=8, description="Downloads in flight at once.")
-    retry_rejected: bool = Field(default=False, description="Fetch again images an earlier run rejected.")
-
-    def fetch_config(self) -> ImageFetchConfig:
-        return ImageFetchConfig(**self.model_dump())
+IMAGE_FETCH_SETTINGS = ("max_bytes", "max_pixels", "timeout_s", "retries", "concurrency", "retry_rejected")
+"""The ``ImageFetchConfig`` fields a run may set (backoff, local root and user agent keep the library's defaults)."""
+ImageFetchSettings = dagster_config(
+    ImageFetchConfig,
+    "ImageFetchSettings",
+    "Limits for fetching item images (URLs are cached by content; see features/images.py).",
+    fields=dagster_fields(ImageFetchConfig, include=IMAGE_FETCH_SETTINGS),
+)
 
 
 @dg.asset(
@@ -68,6 +64,7 @@ def item_image_embeddings(
     image_encoder: ImageEncoderResource,
 ) -> dg.MaterializeResult:
     store = storage.store()
+    inputs = DeclaredInputs.of(context, store)
     previous = store.read_manifest("item_image_embeddings")
     extra = {"image_encoder": image_encoder.fingerprint(store)}
     # Network failures are worth another try on the next run even when nothing else changed.
@@ -75,7 +72,7 @@ def item_image_embeddings(
         extra["retry_failed_fetches_after"] = previous.created_at
 
     def build(folder):
-        items = pq.read_table(store.path("cdsr_sequences", ITEMS_OUT))
+        items = read_items(inputs)
         refs = pc.utf8_trim_whitespace(pc.fill_null(items["image_ref"], ""))
         if not pc.any(pc.not_equal(refs, "")).as_py():
             # Nothing to encode: don't load (or download) an image model for it.
@@ -90,7 +87,7 @@ def item_image_embeddings(
                 "note": "no image references in this dataset: image features absent",
             }
         encoder = load_image_encoder(image_encoder.spec())
-        with ImageFetcher(store.cache_dir("features"), config.fetch_config()) as fetcher:
+        with ImageFetcher(store.cache_dir("features"), ImageFetchConfig(**config.model_dump())) as fetcher:
             table, stats = encode_item_images(items, encoder, fetcher, store.cache_dir("features"))
         write_parquet_atomic(table, folder / EMBEDDINGS_FILE)
         write_parquet_atomic(stats.issues, folder / ISSUES_FILE)
@@ -104,22 +101,11 @@ def embeddings_check(store, asset: str) -> dg.AssetCheckResult:
     """One row per item, in id order; a vector exactly where present; unit-norm vectors."""
     table = pq.read_table(store.path(asset, EMBEDDINGS_FILE))
     n_items = pq.read_metadata(store.path("cdsr_sequences", ITEMS_OUT)).num_rows
-    ids = table["item_id"].to_numpy()
+    problems = embedding_table_problems(table, n_items)
     present = table["present"].to_numpy(zero_copy_only=False)
-    valid = table["embedding"].is_valid().to_numpy(zero_copy_only=False)
-    problems = []
-    if len(ids) != n_items or not np.array_equal(ids, np.arange(n_items)):
-        problems.append(f"rows are not item ids 0..{n_items - 1}")
-    if not np.array_equal(present, valid):
-        problems.append(f"{int((present != valid).sum())} rows where present disagrees with the vector")
-    if valid.any():
-        vectors = np.stack(table.filter(table["present"])["embedding"].to_numpy(zero_copy_only=False))
-        norms = np.linalg.norm(vectors, axis=1)
-        if not np.allclose(norms, 1.0, atol=1e-3):
-            problems.append(f"{int((np.abs(norms - 1) > 1e-3).sum())} vectors are not unit norm")
     return dg.AssetCheckResult(
         passed=not problems,
-        metadata={"rows": len(ids), "present": int(present.sum()), "coverage": float(present.mean()) if len(ids) else 0.0,
+        metadata={"rows": table.num_rows, "present": int(present.sum()), "coverage": float(present.mean()) if len(present) else 0.0,
                   "problems": dg.MetadataValue.json(problems)},
     )
 

@@ -15,7 +15,7 @@ from ..data.validation import CheckOutcome, check_contiguous_ids, check_minimums
 from ..resources import DatasetSource, StorageResource
 from ..storage import atomic_write_text
 from ._config import dagster_config
-from ._stage import run_stage
+from ._stage import DeclaredInputs, run_stage
 
 SOURCE_REPORT = "source.json"
 
@@ -92,7 +92,7 @@ SequencesSettings = dagster_config(
 )
 def cdsr_sequences(context: dg.AssetExecutionContext, config: SequencesSettings, storage: StorageResource) -> dg.MaterializeResult:
     store = storage.store()
-    source_dir = store.asset_dir("raw_interactions")
+    source_dir = DeclaredInputs.of(context, store).asset_dir("raw_interactions")
 
     def build(folder):
         report = json.loads((source_dir / SOURCE_REPORT).read_text())

@@ -11,41 +11,41 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from ..features.embeddings import CachedTextEncoder, encode_texts_by_item
 from ..features.encoders import load_text_encoder
+from ..features.tag_matrix import TagMatrixConfig, all_tag_matrices
 from ..llm import (
     CALL_LOG_FILE,
-    REPRESENTATIONS,
-    SELECTIONS,
-    STATIC_VARIANT,
     AugmentationConfig,
     CallLog,
-    TagMatrixConfig,
     TagScoringConfig,
     VocabularyConfig,
     augment_items,
-    build_tag_matrix,
     build_tag_vocabularies,
     domain_names,
     open_backend,
     score_item_tags,
-    static_tag_matrix,
-    tag_informativeness,
-    variant_name,
 )
 from ..resources import LLMResource, StorageResource, TextEncoderResource
 from ..storage import ArtifactStore, write_parquet_atomic
 from ._config import dagster_config
-from ._stage import HEAVY_TAG, run_stage
-from .artifacts import AUGMENTED_FILE, DOMAIN_TAGS_FILE, EMBEDDINGS_FILE, ITEMS_OUT, SCORES_FILE, VOCABULARY_FILE, matrix_file
+from ._stage import HEAVY_TAG, DeclaredInputs, run_stage
+from .artifacts import (
+    AUGMENTED_FILE,
+    DOMAIN_TAGS_FILE,
+    EMBEDDINGS_FILE,
+    SCORES_FILE,
+    VOCABULARY_FILE,
+    matrix_file,
+    read_augmented_text,
+    read_domain_tags,
+    read_items,
+    read_tag_scores,
+    read_tag_vocabulary,
+)
 
-
-
-def _items(store: ArtifactStore):
-    return pq.read_table(store.path("cdsr_sequences", ITEMS_OUT))
 
 
 @contextlib.contextmanager
@@ -102,10 +102,11 @@ def llm_augmented_text(
     context: dg.AssetExecutionContext, config: AugmentationSettings, storage: StorageResource, llm: LLMResource
 ) -> dg.MaterializeResult:
     store = storage.store()
+    inputs = DeclaredInputs.of(context, store)
 
     def build(folder: Path):
         with _llm_session(store, llm, context) as (backend, call_log):
-            result = augment_items(_items(store), backend, call_log, AugmentationConfig(**config.model_dump()))
+            result = augment_items(read_items(inputs), backend, call_log, AugmentationConfig(**config.model_dump()))
         write_parquet_atomic(result.table, folder / AUGMENTED_FILE)
         return result.metadata() | {"llm": dict(backend.identity)}
 
@@ -129,9 +130,10 @@ def item_llm_text_embeddings(
     context: dg.AssetExecutionContext, storage: StorageResource, text_encoder: TextEncoderResource
 ) -> dg.MaterializeResult:
     store = storage.store()
+    inputs = DeclaredInputs.of(context, store)
 
     def build(folder: Path):
-        augmented = pq.read_table(store.path("llm_augmented_text", AUGMENTED_FILE))
+        augmented = read_augmented_text(inputs)
         encoder = load_text_encoder(text_encoder.spec())
         table, stats = encode_texts_by_item(
             augmented["item_id"].to_pylist(),
@@ -166,11 +168,12 @@ def domain_tag_vocabularies(
     context: dg.AssetExecutionContext, config: VocabularySettings, storage: StorageResource, llm: LLMResource
 ) -> dg.MaterializeResult:
     store = storage.store()
+    inputs = DeclaredInputs.of(context, store)
 
     def build(folder: Path):
         with _llm_session(store, llm, context) as (backend, call_log):
             result = build_tag_vocabularies(
-                domain_names(_items(store)), backend, call_log, VocabularyConfig(**config.model_dump())
+                domain_names(read_items(inputs)), backend, call_log, VocabularyConfig(**config.model_dump())
             )
         write_parquet_atomic(result.domain_tags, folder / DOMAIN_TAGS_FILE)
         write_parquet_atomic(result.vocabulary, folder / VOCABULARY_FILE)
@@ -205,13 +208,13 @@ def item_tag_scores(
     text_encoder: TextEncoderResource,
 ) -> dg.MaterializeResult:
     store = storage.store()
+    inputs = DeclaredInputs.of(context, store)
     extra = {"llm": llm.fingerprint(store)}
     if config.candidates:
         extra["text_encoder"] = text_encoder.fingerprint(store)
 
     def build(folder: Path):
-        domain_tags = pq.read_table(store.path("domain_tag_vocabularies", DOMAIN_TAGS_FILE))
-        vocabulary = pq.read_table(store.path("domain_tag_vocabularies", VOCABULARY_FILE))
+        domain_tags, vocabulary = read_domain_tags(inputs), read_tag_vocabulary(inputs)
         encoder = (
             CachedTextEncoder(load_text_encoder(text_encoder.spec()), store.cache_dir("features"))
             if config.candidates
@@ -219,7 +222,7 @@ def item_tag_scores(
         )
         with _llm_session(store, llm, context) as (backend, call_log):
             result = score_item_tags(
-                _items(store), domain_tags, vocabulary, backend, call_log, TagScoringConfig(**config.model_dump()), encoder
+                read_items(inputs), domain_tags, vocabulary, backend, call_log, TagScoringConfig(**config.model_dump()), encoder
             )
         write_parquet_atomic(result.table, folder / SCORES_FILE)
         return result.metadata() | {"llm": dict(backend.identity)}
@@ -247,32 +250,18 @@ TagMatrixSettings = dagster_config(
 )
 def item_tag_matrix(context: dg.AssetExecutionContext, config: TagMatrixSettings, storage: StorageResource) -> dg.MaterializeResult:
     store = storage.store()
+    inputs = DeclaredInputs.of(context, store)
 
     def build(folder: Path):
-        scores = pq.read_table(store.path("item_tag_scores", SCORES_FILE))
-        domain_tags = pq.read_table(store.path("domain_tag_vocabularies", DOMAIN_TAGS_FILE))
-        vocabulary = pq.read_table(store.path("domain_tag_vocabularies", VOCABULARY_FILE))
-        settings = config.model_dump()
-        variants = {}
-        for selection in SELECTIONS:
-            for representation in REPRESENTATIONS:
-                variant_config = TagMatrixConfig(**(settings | {"selection": selection, "representation": representation}))
-                table, counts = build_tag_matrix(scores, variant_config)
-                name = variant_name(selection, representation)
-                write_parquet_atomic(table, folder / matrix_file(name))
-                variants[name] = counts
-        table, counts = build_tag_matrix(scores, TagMatrixConfig(**settings))
-        write_parquet_atomic(table, folder / matrix_file("default"))
-        informativeness = tag_informativeness(table, _items(store), vocabulary)
-        static, static_counts = static_tag_matrix(_items(store), domain_tags, vocabulary)
-        write_parquet_atomic(static, folder / matrix_file(STATIC_VARIANT))
-        variants[STATIC_VARIANT] = static_counts
-        return {
-            "num_tags": vocabulary.num_rows,
-            "default": settings,
-            "default_counts": counts,
-            "variants": variants,
-            "default_informativeness": informativeness,
-        }
+        matrices, metadata = all_tag_matrices(
+            read_tag_scores(inputs),
+            read_items(inputs),
+            read_domain_tags(inputs),
+            read_tag_vocabulary(inputs),
+            TagMatrixConfig(**config.model_dump()),
+        )
+        for name, table in matrices.items():
+            write_parquet_atomic(table, folder / matrix_file(name))
+        return metadata
 
     return run_stage(context, store, build=build, config=config.model_dump())

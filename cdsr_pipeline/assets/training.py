@@ -7,18 +7,13 @@ LLM stage has run, and the title-only LLM-EMF before the augmentation exists. Fi
 are read through :class:`~._stage.DeclaredInputs`, which refuses an asset that is not
 among the asset's ``deps``: what a run reads is what it is fingerprinted by.
 
-Each run trains in its own folder under ``storage/cache/training/`` named after what
-determines it (its config and the data versions of the inputs it reads), so a crashed
-run resumes from its last epoch and a run whose inputs did not change is not trained
-again. Finished runs are copied into the asset's artifact (without the optimizer
-state) under ``runs/<run>/``; the report collects the runs of every model asset that
-has been materialized and lists the ones that have not.
+Runs train in ``storage/cache/training/`` and are published into the asset's artifact
+under ``runs/<run>/`` by :func:`cdsr_pipeline.model.runs.train_runs` (resumed after a
+crash, reused when nothing they read changed); the report collects the runs of every
+model asset that has been materialized and lists the ones that have not.
 """
 
 import dataclasses
-import json
-import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,136 +21,86 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
-from ..model import FeatureInputs, ModelConfig, TrainConfig, TrainResult, train_model, write_report
+from ..model import FeatureInputs, ModelConfig, TrainConfig
 from ..model.config import ABLATIONS, PRESETS
-from ..model.runs import RunSpec, plan_runs
-from ..model.trainer import (
-    BEST_CHECKPOINT,
-    CONFIG_FILE,
-    EPOCHS_FILE,
-    METRICS_FILE,
-    TEST_RANKS_FILE,
-    run_identity,
-    run_precision,
+from ..model.runs import (
+    RUNS_DIR,
+    SINGLE_DOMAIN_SUFFIX,
+    RunSpec,
+    plan_runs,
+    plottable,
+    run_summary,
+    spec_of,
+    train_runs,
+    with_extra_runs,
 )
+from ..report import write_report
 from ..resources import StorageResource
-from ..storage import ArtifactStore, MissingArtifactError, stable_hash
+from ..storage import ArtifactStore, MissingArtifactError
+from ._config import dagster_config, dagster_fields
 from ._stage import HEAVY_TAG, DeclaredInputs, run_stage
-from .artifacts import EMBEDDINGS_FILE, STATS_FILE, VOCABULARY_FILE, matrix_file
+from .artifacts import embeddings_path, read_sequence_stats, tag_matrix_path, tag_vocabulary_path
 
-RUNS_DIR = "runs"
-KEPT_FILES = (CONFIG_FILE, EPOCHS_FILE, METRICS_FILE, BEST_CHECKPOINT, TEST_RANKS_FILE)  # what a run folder publishes
 FEATURE_ASSETS = {
     "img": "item_image_embeddings",
     "tex": "item_text_embeddings",
     "llm": "item_llm_text_embeddings",
 }
-SINGLE_DOMAIN_SUFFIX = " + single-domain users"
 
 
-class TrainingSettings(dg.Config):
-    """How a model asset trains its runs (SPEC "Model"; the papers' settings by default,
-    taken from ``ModelConfig`` and ``TrainConfig``). Every model asset has its own copy,
-    so a baseline can be tuned on validation like the others."""
+MODEL_SETTINGS = ("hidden_dim", "temperature", "alpha", "lambda1", "lambda2", "sequence_weighting", "dropout", "loss_negatives")
+"""The ``ModelConfig`` fields a model asset's config sets (the rest is the preset's: the model's definition)."""
+RUN_FIELDS_FROM_SPEC = ("model", "name", "ablation_group")  # the run's, not the asset config's
+FIXED_TRAIN_FIELDS = ("selection_protocol", "eval_batch_size", "progress")  # the library's defaults, not settings
 
-    epochs: int = Field(default=TrainConfig.epochs, description="Maximum epochs.")
-    patience: int = Field(default=TrainConfig.patience, description="Epochs without a better validation MRR before stopping.")
-    batch_size: int = Field(default=TrainConfig.batch_size, description="Sequences per step (every position is an example).")
-    learning_rate: float = Field(default=TrainConfig.learning_rate, description="Adam.")
-    weight_decay: float = Field(default=TrainConfig.weight_decay, description="Adam.")
-    max_len: int = Field(default=TrainConfig.max_len, description="Sequences are cut to their last max_len positions.")
-    train_user_domains: list[str] = Field(
-        default=list(TrainConfig.train_user_domains), description="Training sequences by users' domains: both (cross-domain), A, B."
-    )
+
+class _TrainingSettingsBase(dg.Config):
+    """The settings of a model asset that are not a ``TrainConfig`` or ``ModelConfig``
+    field, and how the settings become the runs' ``TrainConfig``s."""
+
     also_with_single_domain_users: bool = Field(
         default=False,
         description="Also train each run on the cross-domain AND single-domain users (train_user_domains both, A, B), "
         f"as a separate run named '<run>{SINGLE_DOMAIN_SUFFIX}'.",
     )
-    hidden_dim: int = Field(default=ModelConfig.hidden_dim, description="ID embedding, encoder width and tag embedding size.")
-    temperature: float = Field(default=ModelConfig.temperature, description="τ of the cosine scores.")
-    alpha: list[float] = Field(default=list(ModelConfig.alpha), description="Fusion weights of id, img, text; tag gets the rest.")
-    lambda1: float = Field(default=ModelConfig.lambda1, description="Weight of the other domain's sequence.")
-    lambda2: float = Field(default=ModelConfig.lambda2, description="Weight of the merged sequence.")
-    sequence_weighting: str = Field(default=ModelConfig.sequence_weighting, description="target_relative | as_written.")
-    dropout: float = Field(default=ModelConfig.dropout)
-    loss_negatives: int | None = Field(default=ModelConfig.loss_negatives, description="Empty: full softmax; K: sampled-softmax speed-up.")
-    num_negatives: int = Field(default=TrainConfig.num_negatives, description="Negatives per row of the sampled evaluation protocol.")
-    negatives_seed: int = Field(default=TrainConfig.negatives_seed, description="Seed of the evaluation negatives (same for every model).")
-    seed: int = Field(default=TrainConfig.seed, description="Initialisation, batch order and dropout.")
     extra_seeds: list[int] = Field(
         default=[],
         description="Train each run again with each of these seeds, as runs named '<run> (seed N)': the report "
         "then gives the mean and spread over the seeds (what one run's number is worth).",
     )
-    device: str = Field(default=TrainConfig.device, description="auto (CUDA when present), cpu or cuda.")
-    num_threads: int | None = Field(default=TrainConfig.num_threads, description="torch CPU threads; empty: torch's default.")
-    precision: str = Field(
-        default=TrainConfig.precision,
-        description="auto (bf16 where the device multiplies bf16 natively, else fp32), fp32 or bf16: the training step's matrix products.",
-    )
-    processes: int = Field(
-        default=TrainConfig.processes,
-        description="Data-parallel processes (torchrun, DistributedDataParallel; gloo on CPU, nccl on CUDA), each with a share of every batch.",
-    )
 
     def train_config(self, spec: RunSpec, train_user_domains: tuple[str, ...] | None = None) -> TrainConfig:
+        values = {name: tuple(value) if isinstance(value, list) else value for name, value in self.model_dump().items()}
         model = spec.model
         if model.architecture == "sequential":
-            model = dataclasses.replace(
-                model,
-                hidden_dim=self.hidden_dim,
-                temperature=self.temperature,
-                alpha=tuple(self.alpha),
-                lambda1=self.lambda1,
-                lambda2=self.lambda2,
-                sequence_weighting=self.sequence_weighting,
-                dropout=self.dropout,
-                loss_negatives=self.loss_negatives,
-            )
-        return TrainConfig(
-            model=model,
-            name=spec.name,
-            ablation_group=spec.ablation_group,
-            max_len=self.max_len,
-            train_user_domains=train_user_domains or tuple(self.train_user_domains),
-            batch_size=self.batch_size,
-            epochs=self.epochs,
-            learning_rate=self.learning_rate,
-            weight_decay=self.weight_decay,
-            patience=self.patience,
-            num_negatives=self.num_negatives,
-            negatives_seed=self.negatives_seed,
-            seed=self.seed,
-            device=self.device,
-            num_threads=self.num_threads,
-            precision=self.precision,
-            processes=self.processes,
-        )
+            model = dataclasses.replace(model, **{name: values[name] for name in MODEL_SETTINGS})
+        train = {name: values[name] for name in _TRAIN_SETTINGS}
+        if train_user_domains:
+            train["train_user_domains"] = train_user_domains
+        return TrainConfig(model=model, name=spec.name, ablation_group=spec.ablation_group, **train)
 
     def run_configs(self, specs: list[RunSpec]) -> list[TrainConfig]:
-        """The runs to train: each spec, and each again with single-domain users when asked."""
-        configs = [self.train_config(spec) for spec in specs]
-        if self.also_with_single_domain_users:
-            for spec in specs:
-                extended = dataclasses.replace(spec, name=spec.name + SINGLE_DOMAIN_SUFFIX)
-                configs.append(self.train_config(extended, train_user_domains=("both", "A", "B")))
-        seeded = [
-            dataclasses.replace(config, seed=seed, name=seeded_name(config.label, seed))
-            for config in configs
-            for seed in dict.fromkeys(self.extra_seeds)
-            if seed != config.seed
-        ]
-        return configs + seeded
+        """The runs to train: each spec, with single-domain users and extra seeds when asked."""
+        return with_extra_runs(
+            [self.train_config(spec) for spec in specs],
+            single_domain_users=self.also_with_single_domain_users,
+            extra_seeds=self.extra_seeds,
+        )
 
 
-def seeded_name(name: str, seed: int) -> str:
-    """The name of a run trained again with another seed (the report groups them by :func:`seed_group`)."""
-    return f"{name} (seed {seed})"
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+_TRAIN_SETTINGS = tuple(
+    f.name for f in dataclasses.fields(TrainConfig) if f.name not in RUN_FIELDS_FROM_SPEC + FIXED_TRAIN_FIELDS
+)
+TrainingSettings = dagster_config(
+    TrainConfig,
+    "TrainingSettings",
+    """How a model asset trains its runs (docs/SPEC.md "Model"; the papers' settings by default):
+    the fields of ``TrainConfig`` and the ``ModelConfig`` fields in ``MODEL_SETTINGS``, declared
+    once in those dataclasses. Every model asset has its own copy, so a baseline can be tuned
+    on validation like the others.""",
+    base=_TrainingSettingsBase,
+    fields=dagster_fields(TrainConfig, include=_TRAIN_SETTINGS) | dagster_fields(ModelConfig, include=MODEL_SETTINGS),
+)
 
 
 def input_assets(models: list[ModelConfig], tags: bool) -> list[str]:
@@ -182,7 +127,7 @@ def _feature_inputs(inputs: DeclaredInputs, spec: RunSpec) -> tuple[FeatureInput
         manifest = inputs.manifest(asset)
         if not manifest.metadata.get("present"):
             continue  # no item has this feature (e.g. no images): the model leaves it out
-        paths[modality] = inputs.path(asset, EMBEDDINGS_FILE)
+        paths[modality] = embeddings_path(inputs, asset)
         versions[asset] = manifest.data_version
         encoder = manifest.metadata.get("encoder", {})
         provenance[modality] = f"{encoder.get('backend', '?')} {encoder.get('model', '?')}"
@@ -190,8 +135,8 @@ def _feature_inputs(inputs: DeclaredInputs, spec: RunSpec) -> tuple[FeatureInput
     if spec.tags is not None:
         matrix = inputs.manifest("item_tag_matrix")
         vocab = inputs.manifest("domain_tag_vocabularies")
-        tags = inputs.path("item_tag_matrix", matrix_file(spec.tags))
-        vocabulary = inputs.path("domain_tag_vocabularies", VOCABULARY_FILE)
+        tags = tag_matrix_path(inputs, spec.tags)
+        vocabulary = tag_vocabulary_path(inputs)
         versions["item_tag_matrix"] = matrix.data_version
         versions["domain_tag_vocabularies"] = vocab.data_version
         llm = vocab.metadata.get("llm", {})
@@ -206,77 +151,25 @@ def _feature_inputs(inputs: DeclaredInputs, spec: RunSpec) -> tuple[FeatureInput
     return features, versions
 
 
-def train_runs(
+def train_asset_runs(
     context: dg.AssetExecutionContext, inputs: DeclaredInputs, config: TrainingSettings, specs: list[RunSpec], folder: Path
 ) -> dict:
-    """Train (or resume, or reuse) each run and copy it into ``folder/runs/``; metadata of the asset."""
-    store = inputs.store
-    sequences = inputs.asset_dir("cdsr_sequences")
-    summary, values = {}, {}
+    """Train (or resume, or reuse) the asset's runs into ``folder/runs/``; metadata of the asset."""
     configs = config.run_configs(specs)
-    by_name = {spec.name: spec for spec in specs}
-    for index, train_config in enumerate(configs, start=1):
-        spec = by_name.get(train_config.name) or by_name[train_config.name.removesuffix(SINGLE_DOMAIN_SUFFIX)]
-        context.log.info(f"run {index}/{len(configs)}: {train_config.name}")
-        features, versions = _feature_inputs(inputs, spec)
-        work = _run_folder(store, train_config, versions)
-        result = train_model(sequences, features, train_config, work)
-        target = folder / RUNS_DIR / _slug(train_config.name)
-        target.mkdir(parents=True)
-        for name in KEPT_FILES:
-            if (work / name).is_file():
-                shutil.copy2(work / name, target / name)
-        summary[train_config.name] = _run_summary(result)
-        prefix = "" if len(configs) == 1 else f"{train_config.name} / "
-        values.update({prefix + k: v for k, v in _plottable(result).items()})
+    results = train_runs(
+        configs,
+        lambda run: _feature_inputs(inputs, spec_of(run, specs)),
+        inputs.asset_dir("cdsr_sequences"),
+        inputs.store.cache_dir("training"),
+        folder,
+        context.log.info,
+    )
+    summary, values = {}, {}
+    for result in results:
+        summary[result.config.name] = run_summary(result)
+        prefix = "" if len(results) == 1 else f"{result.config.name} / "
+        values.update({prefix + k: v for k, v in plottable(result).items()})
     return {"runs": summary, "device": config.device, "patience": config.patience, "max_epochs": config.epochs} | values
-
-
-def _run_folder(store: ArtifactStore, config: TrainConfig, versions: dict[str, str]) -> Path:
-    """The run's folder in the training cache, named after its config and inputs (a
-    folder of the same run from before patience left the identity is reused)."""
-    def folder(identity: str) -> Path:
-        return store.cache_dir("training") / f"{_slug(config.name)}-{stable_hash({'config': identity, 'inputs': versions})[:16]}"
-
-    precision = run_precision(config)
-    current = folder(run_identity(config, precision))
-    if precision != "fp32":
-        return current
-    legacy = folder(config.legacy_identity_hash())
-    return legacy if legacy.is_dir() and not current.is_dir() else current
-
-
-def _run_summary(result: TrainResult) -> dict:
-    """Test MRR per domain and protocol at the best checkpoint, and how the run ended."""
-    metrics = result.metrics
-    best = metrics["best_checkpoint"]
-    return {
-        "best_epoch": best["epoch"],
-        "epochs_run": metrics["epochs_run"],
-        "stopped_early": metrics["stopped_early"],
-        "train_user_domains": metrics["data"]["train_user_domains"],
-        "test_mrr": {
-            domain: {protocol: round(values["mrr"], 5) for protocol, values in by_protocol.items()}
-            for domain, by_protocol in best["test"].items()
-        },
-        "notes": metrics["notes"],
-    }
-
-
-def _plottable(result: TrainResult) -> dict[str, float | int]:
-    """Numbers Dagster plots over materializations: test and validation MRR at the best
-    checkpoint per domain and protocol, the best epoch, epochs run, training seconds."""
-    metrics = result.metrics
-    best, names = metrics["best_checkpoint"], metrics["domain_names"]
-    values: dict[str, float | int] = {}
-    for split in ("valid", "test"):
-        for domain, by_protocol in best[split].items():
-            for protocol, row in by_protocol.items():
-                values[f"{split} MRR {names.get(domain, domain)} ({protocol})"] = round(float(row["mrr"]), 6)
-    values["best epoch"] = int(best["epoch"])
-    values["epochs run"] = int(metrics["epochs_run"])
-    values["training seconds"] = round(float(metrics["timing"]["total_seconds"]), 1)
-    return values
 
 
 @dataclass(frozen=True)
@@ -358,7 +251,7 @@ def _training_asset(spec: TrainingAsset) -> dg.AssetsDefinition:
         inputs = DeclaredInputs.of(context, store)
         specs = spec.specs(inputs)
         return run_stage(
-            context, store, build=lambda folder: train_runs(context, inputs, config, specs, folder), config=config.model_dump()
+            context, store, build=lambda folder: train_asset_runs(context, inputs, config, specs, folder), config=config.model_dump()
         )
 
     return _asset
@@ -412,7 +305,7 @@ def _manifest_if_complete(store: ArtifactStore, asset: str):
 
 
 @dg.asset(
-    deps=[spec.name for spec in TRAINING_ASSETS],
+    deps=[spec.name for spec in TRAINING_ASSETS] + ["cdsr_sequences"],
     group_name="training",
     code_version="2",
     kinds={"html"},
@@ -432,7 +325,7 @@ def evaluation_report(context: dg.AssetExecutionContext, storage: StorageResourc
     inputs["cdsr_sequences"] = store.require("cdsr_sequences").data_version
 
     def build(folder: Path):
-        stats = json.loads(store.path("cdsr_sequences", STATS_FILE).read_text())
+        stats = read_sequence_stats(DeclaredInputs.of(context, store))
         runs = [run for name in inputs if name != "cdsr_sequences" for run in run_dirs(store, name)]
         paths = write_report(runs, folder, stats, missing=missing)
         return {

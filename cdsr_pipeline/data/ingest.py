@@ -24,7 +24,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..storage import temp_file_beside
+from ..storage import atomic_target
 
 INTERACTIONS_FILE = "interactions.parquet"
 ITEMS_FILE = "items.parquet"
@@ -105,7 +105,7 @@ def write_query_parquet(
     """Stream the result of ``query`` into a zstd parquet file with exactly ``schema``; return its rows.
 
     Batches go straight from DuckDB to the file (memory does not grow with the result)
-    through a temporary file and ``os.replace``. Columns of ``schema`` that the query
+    through :func:`~cdsr_pipeline.storage.atomic_target`. Columns of ``schema`` that the query
     does not return must be nullable and are written as nulls (``given_id`` and the
     release columns of a raw dump).
     """
@@ -128,13 +128,17 @@ class QueryParquetFile:
         self.schema = schema
         self.target = Path(path)
         self.rows = 0
-        self._tmp: str | None = None
+        self._target: contextlib.AbstractContextManager[str] | None = None
         self._writer: pq.ParquetWriter | None = None
 
     def __enter__(self) -> QueryParquetFile:
-        fd, self._tmp = temp_file_beside(self.target)
-        os.close(fd)
-        self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
+        self._target = atomic_target(self.target)
+        tmp = self._target.__enter__()
+        try:
+            self._writer = pq.ParquetWriter(tmp, self.schema, compression="zstd")
+        except BaseException as error:
+            self._target.__exit__(type(error), error, error.__traceback__)
+            raise
         return self
 
     def write(self, con: duckdb.DuckDBPyConnection, query: str) -> int:
@@ -158,17 +162,12 @@ class QueryParquetFile:
         return rows
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        writer, tmp = self._writer, self._tmp
-        assert writer is not None and tmp is not None
-        self._writer = None
+        writer, target = self._writer, self._target
+        assert writer is not None and target is not None
+        self._writer = self._target = None
         try:
             writer.close()
-            if exc_type is None:
-                os.replace(tmp, self.target)
-                return
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        except BaseException as error:
+            target.__exit__(type(error), error, error.__traceback__)
             raise
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        target.__exit__(exc_type, exc, tb)

@@ -501,3 +501,22 @@ def _text_sha256(text: str) -> str:
 def _fixed_size_list(vectors: np.ndarray, dim: int) -> pa.FixedSizeListArray:
     flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1), pa.float32())
     return pa.FixedSizeListArray.from_arrays(flat, dim)
+
+
+def embedding_table_problems(table: pa.Table, n_items: int) -> list[str]:
+    """What is wrong with an embedding table of ``n_items`` items (empty: nothing): one
+    row per item id 0..n-1 in order, a vector exactly where ``present``, unit norm."""
+    ids = table["item_id"].to_numpy()
+    present = table["present"].to_numpy(zero_copy_only=False)
+    valid = table["embedding"].is_valid().to_numpy(zero_copy_only=False)
+    problems = []
+    if len(ids) != n_items or not np.array_equal(ids, np.arange(n_items)):
+        problems.append(f"rows are not item ids 0..{n_items - 1}")
+    if not np.array_equal(present, valid):
+        problems.append(f"{int((present != valid).sum())} rows where present disagrees with the vector")
+    if valid.any():
+        vectors = np.stack(table.filter(table["present"])["embedding"].to_numpy(zero_copy_only=False))
+        norms = np.linalg.norm(vectors, axis=1)
+        if not np.allclose(norms, 1.0, atol=1e-3):
+            problems.append(f"{int((np.abs(norms - 1) > 1e-3).sum())} vectors are not unit norm")
+    return problems

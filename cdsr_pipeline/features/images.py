@@ -51,6 +51,7 @@ import httpx
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from cdsr_pipeline.settings import setting
 from cdsr_pipeline.storage import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -79,14 +80,14 @@ class ImageFetchConfig:
         user_agent: sent with every request.
     """
 
-    max_bytes: int = 16 * 1024 * 1024
-    max_pixels: int = 25_000_000
-    timeout_s: float = 20.0
-    retries: int = 2
+    max_bytes: int = setting(16 * 1024 * 1024, "Largest accepted image file.")
+    max_pixels: int = setting(25_000_000, "Largest accepted width x height (decompression bombs).")
+    timeout_s: float = setting(20.0, "Limit for one HTTP request.")
+    retries: int = setting(2, "Further attempts after a transient failure.")
     backoff_s: float = 1.0
-    concurrency: int = 8
+    concurrency: int = setting(8, "Downloads in flight at once.")
     local_root: str | None = None
-    retry_rejected: bool = False
+    retry_rejected: bool = setting(False, "Fetch again images an earlier run rejected.")
     user_agent: str = "cdsr-pipeline item-image fetcher"
 
 

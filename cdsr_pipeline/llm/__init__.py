@@ -5,7 +5,6 @@
 - :func:`augment_items` -> AUGMENTED_TEXT (LLM-EMF §3.3).
 - :func:`build_tag_vocabularies` -> DOMAIN_TAGS, TAG_VOCABULARY (TEMA Alg. 1).
 - :func:`score_item_tags` -> ITEM_TAG_SCORES (TEMA §III-D).
-- :func:`build_tag_matrix` / :func:`static_tag_matrix` -> ITEM_TAG_MATRIX.
 """
 
 from cdsr_pipeline.llm.augment import AugmentationConfig, augment_items
@@ -20,16 +19,6 @@ from cdsr_pipeline.llm.backends import (
     open_backend,
 )
 from cdsr_pipeline.llm.calllog import CallLog, CallLogLockedError, CallStats, StageResult
-from cdsr_pipeline.llm.tag_matrix import (
-    REPRESENTATIONS,
-    SELECTIONS,
-    STATIC_VARIANT,
-    TagMatrixConfig,
-    build_tag_matrix,
-    static_tag_matrix,
-    tag_informativeness,
-    variant_name,
-)
 from cdsr_pipeline.llm.tag_scoring import TagScoringConfig, score_item_tags
 from cdsr_pipeline.llm.vocabulary import (
     VocabularyConfig,
@@ -43,9 +32,6 @@ CALL_LOG_FILE = "llm_calls.duckdb"
 
 __all__ = [
     "CALL_LOG_FILE",
-    "REPRESENTATIONS",
-    "SELECTIONS",
-    "STATIC_VARIANT",
     "AugmentationConfig",
     "BackendUnavailableError",
     "CallLog",
@@ -58,18 +44,13 @@ __all__ = [
     "OllamaBackend",
     "OllamaConfig",
     "StageResult",
-    "TagMatrixConfig",
     "TagScoringConfig",
     "VocabularyConfig",
     "VocabularyError",
     "VocabularyResult",
     "augment_items",
-    "build_tag_matrix",
     "build_tag_vocabularies",
     "domain_names",
     "open_backend",
     "score_item_tags",
-    "static_tag_matrix",
-    "tag_informativeness",
-    "variant_name",
 ]

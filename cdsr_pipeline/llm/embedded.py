@@ -30,7 +30,7 @@ from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from cdsr_pipeline.llm.llama_engine import GenerationRequest, LlamaEngine
 from cdsr_pipeline.llm.types import Completion, CompletionRequest, ContinuationRequest
-from cdsr_pipeline.storage import default_storage_root, sha256_file
+from cdsr_pipeline.storage import PROCESS_FILE_HASHES, atomic_target, default_storage_root
 
 log = logging.getLogger(__name__)
 
@@ -103,19 +103,16 @@ def f16_copy(model: ResolvedModel, model_dir: str | os.PathLike[str] | None = No
     folder = Path(model_dir) if model_dir else default_storage_root() / "cache" / "models"
     target = folder / f"{model.name}-{model.sha256[:12]}.f16.gguf"
     if not target.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(".partial")
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_F16
         params.allow_requantize = True  # the source is already quantized: dequantize it
         log.info("converting %s to F16 (once) -> %s", model.path, target)
-        # llama.cpp prints a line per tensor to the process's stdout: keep logs readable.
-        with suppress_stdout_stderr(disable=False):
-            code = llama_cpp.llama_model_quantize(str(model.path).encode(), str(partial).encode(), ctypes.byref(params))
-        if code != 0:
-            partial.unlink(missing_ok=True)
-            raise RuntimeError(f"llama.cpp could not convert {model.path} to F16 (code {code})")
-        os.replace(partial, target)
+        with atomic_target(target) as partial:
+            # llama.cpp prints a line per tensor to the process's stdout: keep logs readable.
+            with suppress_stdout_stderr(disable=False):
+                code = llama_cpp.llama_model_quantize(str(model.path).encode(), partial.encode(), ctypes.byref(params))
+            if code != 0:
+                raise RuntimeError(f"llama.cpp could not convert {model.path} to F16 (code {code})")
     return ResolvedModel(f"{model.name}-f16", target, _file_sha256(target))
 
 
@@ -127,15 +124,8 @@ def _package_dir(package: str, what: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
-
-
 def _file_sha256(path: Path) -> str:
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        _SHA_CACHE[key] = sha256_file(path)
-    return _SHA_CACHE[key]
+    return PROCESS_FILE_HASHES.file_hash(path)
 
 
 def _greedy_key(request: CompletionRequest) -> tuple:

@@ -1,10 +1,9 @@
-"""Models, trainer, evaluator and report for LLM-EMF / TEMA-LLM and baselines (no Dagster).
+"""Models, trainer and evaluator for LLM-EMF / TEMA-LLM and baselines (no Dagster).
 
 Entry points for the assets:
 
 - :func:`train_model` (sequences folder, :class:`FeatureInputs`, :class:`TrainConfig`,
   run folder) -> :class:`TrainResult`.
-- :func:`write_report` (runs, report folder, dataset stats) -> :class:`ReportPaths`.
 
 Configs: :class:`ModelConfig` (``PRESETS`` and ``ABLATIONS`` name the papers' models,
 baselines and ablation rows) inside a :class:`TrainConfig`.
@@ -12,7 +11,6 @@ baselines and ablation rows) inside a :class:`TrainConfig`.
 
 from .config import ABLATIONS, MODALITIES, PRESETS, ModelConfig, TrainConfig
 from .data import FeatureInputs
-from .report import ReportPaths, write_report
 from .trainer import TrainResult, load_model, train_model
 
 __all__ = [
@@ -21,10 +19,8 @@ __all__ = [
     "PRESETS",
     "FeatureInputs",
     "ModelConfig",
-    "ReportPaths",
     "TrainConfig",
     "TrainResult",
     "load_model",
     "train_model",
-    "write_report",
 ]

@@ -39,6 +39,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..settings import setting
 from ..storage import stable_hash
 
 MODALITIES = ("id", "img", "tex", "llm", "tag")
@@ -95,16 +96,16 @@ class ModelConfig:
     multi_attention: bool = True
     encoder: Encoder = "attention"
     scoring: Scoring = "cosine"
-    alpha: tuple[float, float, float] = (0.4, 0.2, 0.2)
-    lambda1: float = 0.3
-    lambda2: float = 0.1
-    sequence_weighting: SequenceWeighting = "target_relative"
-    temperature: float = 0.1
-    hidden_dim: int = 256
+    alpha: tuple[float, float, float] = setting((0.4, 0.2, 0.2), "Fusion weights of id, img, text; tag gets the rest.")
+    lambda1: float = setting(0.3, "Weight of the other domain's sequence.")
+    lambda2: float = setting(0.1, "Weight of the merged sequence.")
+    sequence_weighting: SequenceWeighting = setting("target_relative", "target_relative | as_written.")
+    temperature: float = setting(0.1, "τ of the cosine scores.")
+    hidden_dim: int = setting(256, "ID embedding, encoder width and tag embedding size.")
     num_layers: int = 1
     num_heads: int = 2
-    dropout: float = 0.3
-    loss_negatives: int | None = None
+    dropout: float = setting(0.3, "On embeddings, attention weights and residual branches.")
+    loss_negatives: int | None = setting(None, "Empty: full softmax; K: sampled-softmax speed-up.")
 
     def __post_init__(self) -> None:
         unknown = set(self.modalities) - set(MODALITIES)
@@ -173,23 +174,27 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     name: str = ""
     ablation_group: str | None = None
-    max_len: int = 50
-    train_user_domains: tuple[str, ...] = ("both",)
-    batch_size: int = 256
-    epochs: int = 100
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    patience: int = 10
+    max_len: int = setting(50, "Sequences are cut to their last max_len positions.")
+    train_user_domains: tuple[str, ...] = setting(("both",), "Training sequences by users' domains: both (cross-domain), A, B.")
+    batch_size: int = setting(256, "Sequences per step (every position is an example).")
+    epochs: int = setting(100, "Maximum epochs.")
+    learning_rate: float = setting(1e-3, "Adam.")
+    weight_decay: float = setting(0.0, "Adam.")
+    patience: int = setting(10, "Epochs without a better validation MRR before stopping.")
     selection_protocol: Protocol = "sampled"
-    num_negatives: int = 999
-    negatives_seed: int = 0
-    seed: int = 0
+    num_negatives: int = setting(999, "Negatives per row of the sampled evaluation protocol.")
+    negatives_seed: int = setting(0, "Seed of the evaluation negatives (same for every model).")
+    seed: int = setting(0, "Initialisation, batch order and dropout.")
     eval_batch_size: int = 256
-    device: str = "auto"
-    num_threads: int | None = None
-    precision: Precision = "auto"
+    device: str = setting("auto", "auto (CUDA when present), cpu or cuda.")
+    num_threads: int | None = setting(None, "torch CPU threads; empty: torch's default.")
+    precision: Precision = setting(
+        "auto", "auto (bf16 where the device multiplies bf16 natively, else fp32), fp32 or bf16: the training step's matrix products."
+    )
     progress: bool = True
-    processes: int = 1
+    processes: int = setting(
+        1, "Data-parallel processes (torchrun, DistributedDataParallel; gloo on CPU, nccl on CUDA), each with a share of every batch."
+    )
 
     def __post_init__(self) -> None:
         if self.max_len < 1 or self.batch_size < 1 or self.eval_batch_size < 1:

@@ -1,17 +1,50 @@
-"""Which runs a training request stands for: models, ablation tables, their tag matrices.
+"""Which runs a training request stands for, and training them into a published folder.
 
 A run is a model config plus the tag matrix it reads. Tag matrices are named by
 variant (the ``item_tag_matrix`` asset writes every one): ``default`` (the configured
 selection and representation), ``static`` (keyword-matched tags, TEMA Table IV) and
 ``<selection>-<representation>`` (TEMA Tables V and VI).
+
+Each run trains in its own folder of the training cache, named after what determines
+it (its identity and the data versions of the inputs it reads), so a crashed run
+resumes from its last epoch and a run whose inputs did not change is not trained again
+(:func:`run_folder`). :func:`train_runs` trains (or resumes, or reuses) each run and
+copies what a run publishes (:data:`KEPT_FILES`, without the optimizer state) into
+``<out>/runs/<run>/``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import re
+import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from ..llm.tag_matrix import REPRESENTATIONS, SELECTIONS, STATIC_VARIANT, variant_name
-from .config import ABLATIONS, PRESETS, ModelConfig
+from ..features.tag_matrix import REPRESENTATIONS, SELECTIONS, STATIC_VARIANT, variant_name
+from ..storage import stable_hash
+from .config import ABLATIONS, PRESETS, ModelConfig, TrainConfig
+from .data import FeatureInputs
+from .trainer import (
+    BEST_CHECKPOINT,
+    CONFIG_FILE,
+    EPOCHS_FILE,
+    METRICS_FILE,
+    TEST_RANKS_FILE,
+    TrainResult,
+    run_identity,
+    run_precision,
+    train_model,
+)
+
+log = logging.getLogger(__name__)
+
+RUNS_DIR = "runs"
+KEPT_FILES = (CONFIG_FILE, EPOCHS_FILE, METRICS_FILE, BEST_CHECKPOINT, TEST_RANKS_FILE)  # what a run folder publishes
+SINGLE_DOMAIN_SUFFIX = " + single-domain users"
+SINGLE_DOMAIN_USERS = ("both", "A", "B")
 
 MODELS = ("tema_llm", "llm_emf", "llm_emf_title", "tema_llm_title", "tema_llm_fused", "sasrec", "gru4rec", "popularity")
 MODEL_NAMES = {
@@ -77,3 +110,123 @@ def plan_runs(
     if duplicates:
         raise ValueError(f"runs requested twice: {duplicates}")
     return runs
+
+
+def seeded_name(name: str, seed: int) -> str:
+    """The name of a run trained again with another seed (the report groups them by ``seed_groups``)."""
+    return f"{name} (seed {seed})"
+
+
+_SEED_SUFFIX = re.compile(r" \(seed \d+\)$")
+
+
+def without_seed(name: str) -> str:
+    """A run's name without the suffix of :func:`seeded_name`: the runs that differ only by their seed share it."""
+    return _SEED_SUFFIX.sub("", name)
+
+
+def spec_of(config: TrainConfig, specs: Sequence[RunSpec]) -> RunSpec:
+    """The spec a run of :func:`with_extra_runs` was made from (by its name)."""
+    by_name = {spec.name: spec for spec in specs}
+    name = without_seed(config.name)
+    spec = by_name.get(name) or by_name.get(name.removesuffix(SINGLE_DOMAIN_SUFFIX))
+    if spec is None:
+        raise KeyError(f"run {config.name!r} comes from none of the specs {sorted(by_name)}")
+    return spec
+
+
+def with_extra_runs(configs: Sequence[TrainConfig], *, single_domain_users: bool, extra_seeds: Sequence[int]) -> list[TrainConfig]:
+    """``configs``, then (when asked) each again on the cross-domain and single-domain users
+    (named ``<run> + single-domain users``), then every one of those again with each extra
+    seed other than its own (``<run> (seed N)``)."""
+    runs = list(configs)
+    if single_domain_users:
+        runs += [
+            dataclasses.replace(config, name=config.name + SINGLE_DOMAIN_SUFFIX, train_user_domains=SINGLE_DOMAIN_USERS)
+            for config in configs
+        ]
+    seeded = [
+        dataclasses.replace(config, seed=seed, name=seeded_name(config.label, seed))
+        for config in runs
+        for seed in dict.fromkeys(extra_seeds)
+        if seed != config.seed
+    ]
+    return runs + seeded
+
+
+def slug(name: str) -> str:
+    """A run's name as a folder name."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def run_folder(cache: Path, config: TrainConfig, versions: dict[str, str]) -> Path:
+    """The run's folder in the training cache ``cache``, named after its identity and the
+    data versions of its inputs (a folder of the same run from before patience left the
+    identity is reused)."""
+    def folder(identity: str) -> Path:
+        return cache / f"{slug(config.name)}-{stable_hash({'config': identity, 'inputs': versions})[:16]}"
+
+    precision = run_precision(config)
+    current = folder(run_identity(config, precision))
+    if precision != "fp32":
+        return current
+    legacy = folder(config.legacy_identity_hash())
+    return legacy if legacy.is_dir() and not current.is_dir() else current
+
+
+def train_runs(
+    configs: Sequence[TrainConfig],
+    inputs_of: Callable[[TrainConfig], tuple[FeatureInputs, dict[str, str]]],
+    sequences: Path,
+    cache: Path,
+    out: Path,
+    progress: Callable[[str], None] = log.info,
+) -> list[TrainResult]:
+    """Train (or resume, or reuse) each run in its :func:`run_folder` under ``cache`` and
+    publish it under ``out/runs/<run>/``. ``inputs_of(config)`` gives the feature files the
+    run reads and the data versions that identify them."""
+    results = []
+    for index, config in enumerate(configs, start=1):
+        progress(f"run {index}/{len(configs)}: {config.name}")
+        features, versions = inputs_of(config)
+        work = run_folder(cache, config, versions)
+        results.append(train_model(sequences, features, config, work))
+        target = out / RUNS_DIR / slug(config.name)
+        target.mkdir(parents=True)
+        for name in KEPT_FILES:
+            if (work / name).is_file():
+                shutil.copy2(work / name, target / name)
+    return results
+
+
+def run_summary(result: TrainResult) -> dict:
+    """Test MRR per domain and protocol at the best checkpoint, and how the run ended."""
+    metrics = result.metrics
+    best = metrics["best_checkpoint"]
+    return {
+        "best_epoch": best["epoch"],
+        "epochs_run": metrics["epochs_run"],
+        "stopped_early": metrics["stopped_early"],
+        "train_user_domains": metrics["data"]["train_user_domains"],
+        "test_mrr": {
+            domain: {protocol: round(values["mrr"], 5) for protocol, values in by_protocol.items()}
+            for domain, by_protocol in best["test"].items()
+        },
+        "notes": metrics["notes"],
+    }
+
+
+def plottable(result: TrainResult) -> dict[str, float | int]:
+    """Numbers to plot over materializations: test and validation MRR at the best
+    checkpoint per domain and protocol, the best epoch, epochs run, training seconds."""
+    metrics = result.metrics
+    best, names = metrics["best_checkpoint"], metrics["domain_names"]
+    values: dict[str, float | int] = {}
+    for split in ("valid", "test"):
+        for domain, by_protocol in best[split].items():
+            for protocol, row in by_protocol.items():
+                values[f"{split} MRR {names.get(domain, domain)} ({protocol})"] = round(float(row["mrr"]), 6)
+    values["best epoch"] = int(best["epoch"])
+    values["epochs run"] = int(metrics["epochs_run"])
+    values["training seconds"] = round(float(metrics["timing"]["total_seconds"]), 1)
+    return values

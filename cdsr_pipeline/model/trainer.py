@@ -29,7 +29,6 @@ state, the softmax normalisers, the loss and every evaluation stay fp32.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import json
 import logging
@@ -49,7 +48,7 @@ from tqdm.auto import tqdm
 from ..data.sequences import DOMAINS_FILE, split_file
 from ..errors import UserInputError
 from ..hardware import cpu_model, resolve_precision
-from ..storage import atomic_write_text, sha256_file, stable_hash, temp_file_beside, write_parquet_atomic
+from ..storage import atomic_target, atomic_write_text, sha256_file, stable_hash, write_parquet_atomic
 from . import distributed
 from .base import Recommender
 from .build import build_model
@@ -181,15 +180,8 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
-    fd, tmp = temp_file_beside(path)
-    os.close(fd)
-    try:
+    with atomic_target(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 class CheckpointError(UserInputError):

@@ -28,11 +28,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..storage import atomic_write_text  # noqa: E402
-from .evaluate import DOMAIN_KEYS, PROTOCOLS, metric_column  # noqa: E402
-from .metrics import METRICS, mrr, paired_mrr_difference  # noqa: E402
-from .config import config_to_dict  # noqa: E402
-from .trainer import TEST_RANKS_FILE, TrainResult  # noqa: E402
+from .storage import atomic_write_text  # noqa: E402
+from .model.evaluate import DOMAIN_KEYS, PROTOCOLS, metric_column  # noqa: E402
+from .model.metrics import METRICS, mrr, paired_mrr_difference  # noqa: E402
+from .model.config import config_to_dict  # noqa: E402
+from .model.runs import without_seed  # noqa: E402
+from .model.trainer import TEST_RANKS_FILE, TrainResult  # noqa: E402
 
 METRIC_LABELS = {"mrr": "MRR", "ndcg_5": "NDCG@5", "ndcg_10": "NDCG@10", "hr_10": "HR@10"}
 PAPERS_NEGATIVES = 999
@@ -459,14 +460,11 @@ def _runs_section(doc: _Document, results: list[TrainResult], names: dict) -> No
         doc.bullets(notes)
 
 
-_SEED_SUFFIX = re.compile(r" \(seed \d+\)$")
-
-
 def seed_groups(results: Sequence[TrainResult]) -> dict[str, list[TrainResult]]:
     """Runs by name without a ``(seed N)`` suffix, in the order they come."""
     groups: dict[str, list[TrainResult]] = {}
     for result in results:
-        groups.setdefault(_SEED_SUFFIX.sub("", result.name), []).append(result)
+        groups.setdefault(without_seed(result.name), []).append(result)
     return groups
 
 

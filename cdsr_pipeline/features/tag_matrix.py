@@ -24,6 +24,7 @@ matches "Cookies"); words of fewer than 3 letters and the stop words in
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -173,3 +174,29 @@ def tag_informativeness(matrix: pa.Table, items: pa.Table, vocabulary: pa.Table)
             "mean_strongest_weight": round(sum(w for w, _ in tagged) / total, 4) if total else None,
         }
     return out
+
+
+def all_tag_matrices(
+    scores: pa.Table, items: pa.Table, domain_tags: pa.Table, vocabulary: pa.Table, config: TagMatrixConfig
+) -> tuple[dict[str, pa.Table], dict]:
+    """Every matrix of the ``item_tag_matrix`` asset by variant name: each selection x
+    representation (the ablations of Tables V/VI), ``default`` (``config``) and
+    :data:`STATIC_VARIANT` (Table IV's keyword baseline); with their metadata (counts per
+    variant, the default's informativeness)."""
+    matrices, variants = {}, {}
+    for selection in SELECTIONS:
+        for representation in REPRESENTATIONS:
+            name = variant_name(selection, representation)
+            variant = dataclasses.replace(config, selection=selection, representation=representation)
+            matrices[name], variants[name] = build_tag_matrix(scores, variant)
+    matrices["default"], counts = build_tag_matrix(scores, config)
+    informativeness = tag_informativeness(matrices["default"], items, vocabulary)
+    matrices[STATIC_VARIANT], variants[STATIC_VARIANT] = static_tag_matrix(items, domain_tags, vocabulary)
+    metadata = {
+        "num_tags": vocabulary.num_rows,
+        "default": dataclasses.asdict(config),
+        "default_counts": counts,
+        "variants": variants,
+        "default_informativeness": informativeness,
+    }
+    return matrices, metadata
