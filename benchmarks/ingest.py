@@ -7,7 +7,7 @@ categories, ``Grocery_and_Gourmet_Food.json.gz`` (domain A) and
 verified, reviewTime, style, vote, reviewerName), their ``meta_*.json.gz`` files, a
 few malformed lines and some duplicate reviews. Then, at two sizes, times:
 
-- the pipeline: :func:`cdsr_pipeline.data.amazon.ingest_amazon` (DuckDB, streaming)
+- the pipeline: :func:`cdsr_pipeline.data.readers.amazon.ingest_amazon` (DuckDB, streaming)
   followed by :func:`cdsr_pipeline.data.sequences.build_sequences` (the filters);
 - a straightforward reader: ``gzip`` + ``json.loads`` per line into a list of dicts,
   ``pandas.DataFrame``, then the same filters in pandas.
@@ -271,7 +271,7 @@ def generate_dataset(folder: Path, rows: int, seed: int) -> dict:
 
 def run_ingest(folder: Path, work: Path, memory_limit: str) -> dict:
     """The pipeline's read: ``ingest_amazon`` into ``work/ingest``."""
-    from cdsr_pipeline.data.amazon import discover_amazon_files, ingest_amazon
+    from cdsr_pipeline.data.readers.amazon import discover_amazon_files, ingest_amazon
 
     reviews, meta, names = discover_amazon_files("amazon2018", folder, CATEGORIES)
     started = time.perf_counter()

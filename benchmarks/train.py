@@ -46,7 +46,7 @@ import polars as pl
 import torch
 
 from cdsr_pipeline.data import schema
-from cdsr_pipeline.data.releases import ingest_llmcdsr
+from cdsr_pipeline.data.readers.releases import ingest_llmcdsr
 from cdsr_pipeline.data.sequences import build_sequences, format_statistics
 from cdsr_pipeline.hardware import matmul_peak_gflops
 from cdsr_pipeline.model import PRESETS, FeatureInputs, TrainConfig

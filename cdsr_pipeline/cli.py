@@ -31,7 +31,8 @@ from .data.ingest import SourceError
 from .data.sequences import FilterConfig, build_sequences, format_statistics
 from .data.sources import FORMATS, SourceSpec, ingest_source
 from .errors import UserInputError
-from .llm.calllog import STAGES, CallExportError, CallLogLockedError
+from .llm.calllog import CallLogLockedError
+from .llm.portable import STAGES, CallExportError
 from .storage import ArtifactStore, default_storage_root
 
 
@@ -237,7 +238,8 @@ def _call_log_path(args: argparse.Namespace) -> Path:
 
 
 def cmd_llm_log_export(args: argparse.Namespace) -> int:
-    from .llm.calllog import CallLog, export_calls
+    from .llm.calllog import CallLog
+    from .llm.portable import export_calls
 
     path = _call_log_path(args)
     if not path.is_file():
@@ -254,7 +256,8 @@ def cmd_llm_log_export(args: argparse.Namespace) -> int:
 
 
 def cmd_llm_log_import(args: argparse.Namespace) -> int:
-    from .llm.calllog import CallLog, export_part_paths, import_calls, read_call_export
+    from .llm.calllog import CallLog
+    from .llm.portable import export_part_paths, import_calls, read_call_export
 
     # an export written in parts is named by its own path (NAME.parquet for NAME.partNN.parquet)
     files = [part for name in args.files for part in (export_part_paths(name) or [Path(name)])]

@@ -157,7 +157,7 @@ class LLMResource(dg.ConfigurableResource):
 
         Threads, batch sizes and concurrency do not change answers kept in the call log.
         """
-        from .llm.embedded import resolve_model
+        from .llm.backends.embedded import resolve_model
         from .storage import stable_hash
 
         config = self.llm_config(store)

@@ -28,9 +28,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from cdsr_pipeline.data.amazon import ingest_amazon
+from cdsr_pipeline.data.readers.amazon import ingest_amazon
 from cdsr_pipeline.data.ingest import INTERACTIONS_FILE, QUARANTINE_FILE, IngestReport
-from cdsr_pipeline.data.interactions_file import ingest_interactions_file
+from cdsr_pipeline.data.readers.interactions_file import ingest_interactions_file
 
 N_LINES = 12
 NAMES = ("Food", "Kitchen")
@@ -220,7 +220,7 @@ def sequences(out: Path) -> dict[str, list[tuple]]:
 
 @fuzzed
 def test_llmcdsr_sequences_survive_corrupted_lines(tmp_path_factory, plan) -> None:
-    from cdsr_pipeline.data.releases import ingest_llmcdsr
+    from cdsr_pipeline.data.readers.releases import ingest_llmcdsr
 
     work = tmp_path_factory.mktemp("release")
     body, corrupted_lines = assemble(SEQUENCE_LINES, plan, corrupt_sequence, first_line=1)
@@ -277,7 +277,7 @@ def c2dsr_rows(out: Path) -> list[tuple]:
 
 @fuzzed
 def test_c2dsr_sequences_survive_corrupted_lines(tmp_path_factory, plan) -> None:
-    from cdsr_pipeline.data.releases import ingest_c2dsr
+    from cdsr_pipeline.data.readers.releases import ingest_c2dsr
 
     work = tmp_path_factory.mktemp("c2dsr")
     body, corrupted_lines = assemble(C2DSR_LINES, plan, corrupt_c2dsr, first_line=1)

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cdsr_pipeline.data import schema, staging
-from cdsr_pipeline.data.amazon import discover_amazon_files, ingest_amazon
+from cdsr_pipeline.data.readers.amazon import discover_amazon_files, ingest_amazon
 from cdsr_pipeline.data.ingest import INTERACTIONS_FILE, ITEMS_FILE, QUARANTINE_FILE, SourceError
 
 NAMES = ("Food", "Kitchen")

@@ -12,7 +12,7 @@ import pytest
 
 from cdsr_pipeline.data import schema
 from cdsr_pipeline.data.ingest import INTERACTIONS_FILE, ITEMS_FILE, QUARANTINE_FILE, SourceError
-from cdsr_pipeline.data.interactions_file import ingest_interactions_file
+from cdsr_pipeline.data.readers.interactions_file import ingest_interactions_file
 
 
 def read(out: Path, name: str) -> list[dict]:

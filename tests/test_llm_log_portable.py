@@ -17,17 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from cdsr_pipeline.cli import main
-from cdsr_pipeline.llm.calllog import (
-    Answer,
-    AnswerError,
-    CallExportError,
-    CallLog,
-    LLMCall,
-    export_calls,
-    import_calls,
-    read_call_export,
-    run_logged_calls,
-)
+from cdsr_pipeline.llm.calllog import Answer, AnswerError, CallLog, LLMCall, run_logged_calls
+from cdsr_pipeline.llm.portable import CallExportError, export_calls, import_calls, read_call_export
 from cdsr_pipeline.llm.types import CompletionRequest, Prompt
 
 IDENTITY = {"backend": "test", "model": "m1", "gguf_sha256": "ab" * 32}

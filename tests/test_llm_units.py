@@ -14,8 +14,8 @@ from cdsr_pipeline.features.tag_matrix import TagMatrixConfig, build_tag_matrix,
 from cdsr_pipeline.llm import CallLog
 from cdsr_pipeline.llm.augment import AugmentationConfig, augmentation_request
 from cdsr_pipeline.llm.calllog import Answer, AnswerError, LLMCall, reseed, run_logged_calls
-from cdsr_pipeline.llm.embedded import resolve_model
-from cdsr_pipeline.llm.llama_engine import _Trie
+from cdsr_pipeline.llm.backends.embedded import resolve_model
+from cdsr_pipeline.llm.backends.llama_engine import _Trie
 from cdsr_pipeline.llm.prompts import quote
 from cdsr_pipeline.llm.tag_scoring import logprob_scores, parse_rating
 from cdsr_pipeline.llm.types import CompletionRequest, Prompt

@@ -10,7 +10,7 @@ import pytest
 
 from cdsr_pipeline.cli import main as cdsr
 from cdsr_pipeline.data.ingest import SourceError
-from cdsr_pipeline.data.releases import ingest_c2dsr, ingest_llmcdsr
+from cdsr_pipeline.data.readers.releases import ingest_c2dsr, ingest_llmcdsr
 from cdsr_pipeline.data.sequences import build_sequences
 
 

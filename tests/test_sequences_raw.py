@@ -7,7 +7,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from cdsr_pipeline.data.interactions_file import ingest_interactions_file
+from cdsr_pipeline.data.readers.interactions_file import ingest_interactions_file
 from cdsr_pipeline.data.sequences import FilterConfig, build_sequences
 from cdsr_pipeline.data.validation import check_contiguous_ids, check_minimums, check_no_leakage
 

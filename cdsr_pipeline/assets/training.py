@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
-import polars as pl
 from pydantic import Field
 
 from ..model import FeatureInputs, ModelConfig, TrainConfig
@@ -30,6 +29,7 @@ from ..model.runs import (
     plan_runs,
     plottable,
     run_summary,
+    runs_problems,
     spec_of,
     train_runs,
     with_extra_runs,
@@ -279,19 +279,6 @@ def _runs_finished(asset: str):
         return dg.AssetCheckResult(passed=not problems, metadata={"problems": dg.MetadataValue.json(problems)})
 
     return _check
-
-
-def runs_problems(runs: list[Path]) -> list[str]:
-    """Runs without an evaluated epoch or with non-finite metrics."""
-    problems = [] if runs else ["no run folder"]
-    for run in runs:
-        epochs = pl.read_parquet(run / "epochs.parquet")
-        metrics = epochs.select(pl.col("^(valid|test)_.*$"))
-        if metrics.height == 0 or metrics.width == 0:
-            problems.append(f"{run.name}: no evaluated epoch recorded")
-        elif any(metrics[c].is_nan().any() or metrics[c].is_infinite().any() for c in metrics.columns):
-            problems.append(f"{run.name}: non-finite validation/test metrics")
-    return problems
 
 
 training_checks = [_runs_finished(spec.name) for spec in TRAINING_ASSETS]

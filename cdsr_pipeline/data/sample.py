@@ -24,7 +24,7 @@ from pathlib import Path
 import polars as pl
 
 from .ingest import ITEMS_FILE
-from .releases import ingest_llmcdsr
+from .readers.releases import ingest_llmcdsr
 from .sequences import build_sequences
 
 

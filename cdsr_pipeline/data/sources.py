@@ -99,7 +99,7 @@ def source_files(spec: SourceSpec) -> list[Path]:
         return [spec.path / name for name in RELEASE_FILES[spec.format] if (spec.path / name).is_file()]
     if spec.format == "interactions":
         return [spec.path] + ([spec.items_path] if spec.items_path else [])
-    from .amazon import discover_amazon_files
+    from .readers.amazon import discover_amazon_files
 
     reviews, meta, _ = discover_amazon_files(spec.format, spec.path, spec.domains)
     return [p for letter in schema.DOMAINS for p in (reviews[letter], meta.get(letter)) if p is not None]
@@ -108,18 +108,18 @@ def source_files(spec: SourceSpec) -> list[Path]:
 def ingest_source(spec: SourceSpec, out_dir: Path, temp_dir: Path | None = None) -> IngestReport:
     """Read ``spec`` into ``interactions.parquet``, ``items.parquet`` and ``quarantine.parquet``."""
     if spec.format == "llmcdsr":
-        from .releases import ingest_llmcdsr
+        from .readers.releases import ingest_llmcdsr
 
         return ingest_llmcdsr(spec.path, out_dir, spec.domains)
     if spec.format == "c2dsr":
-        from .releases import ingest_c2dsr
+        from .readers.releases import ingest_c2dsr
 
         return ingest_c2dsr(spec.path, out_dir, spec.domains)
     if spec.format == "interactions":
-        from .interactions_file import ingest_interactions_file
+        from .readers.interactions_file import ingest_interactions_file
 
         return ingest_interactions_file(spec.path, spec.items_path, out_dir, spec.domains)
-    from .amazon import discover_amazon_files, ingest_amazon
+    from .readers.amazon import discover_amazon_files, ingest_amazon
 
     reviews, meta, names = discover_amazon_files(spec.format, spec.path, spec.domains)
     return ingest_amazon(spec.format, reviews, meta, out_dir, names, temp_dir=temp_dir)

@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import polars as pl
+
 from ..features.tag_matrix import REPRESENTATIONS, SELECTIONS, STATIC_VARIANT, variant_name
 from ..storage import stable_hash
 from .config import ABLATIONS, PRESETS, ModelConfig, TrainConfig
@@ -230,3 +232,16 @@ def plottable(result: TrainResult) -> dict[str, float | int]:
     values["epochs run"] = int(metrics["epochs_run"])
     values["training seconds"] = round(float(metrics["timing"]["total_seconds"]), 1)
     return values
+
+
+def runs_problems(runs: list[Path]) -> list[str]:
+    """Runs without an evaluated epoch or with non-finite metrics."""
+    problems = [] if runs else ["no run folder"]
+    for run in runs:
+        epochs = pl.read_parquet(run / EPOCHS_FILE)
+        metrics = epochs.select(pl.col("^(valid|test)_.*$"))
+        if metrics.height == 0 or metrics.width == 0:
+            problems.append(f"{run.name}: no evaluated epoch recorded")
+        elif any(metrics[c].is_nan().any() or metrics[c].is_infinite().any() for c in metrics.columns):
+            problems.append(f"{run.name}: non-finite validation/test metrics")
+    return problems

@@ -16,8 +16,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
-from cdsr_pipeline.llm.embedded import EmbeddedBackend, EmbeddedConfig
-from cdsr_pipeline.llm.ollama_backend import OllamaBackend, OllamaConfig
+from cdsr_pipeline.llm.backends.embedded import EmbeddedBackend, EmbeddedConfig
+from cdsr_pipeline.llm.backends.ollama import OllamaBackend, OllamaConfig
 from cdsr_pipeline.llm.types import (
     BackendUnavailableError,
     Completion,

@@ -44,8 +44,8 @@ from pathlib import Path
 
 import duckdb
 
-from . import schema
-from .ingest import (
+from .. import schema
+from ..ingest import (
     INTERACTIONS_FILE,
     ITEMS_FILE,
     QUARANTINE_FILE,
@@ -57,7 +57,7 @@ from .ingest import (
     sql_str,
     write_query_parquet,
 )
-from .staging import (
+from ..staging import (
     StagedRows,
     blank_lines_sql,
     create_item_tables,

@@ -28,7 +28,7 @@ import llama_cpp
 from llama_cpp._utils import suppress_stdout_stderr
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-from cdsr_pipeline.llm.llama_engine import GenerationRequest, LlamaEngine
+from cdsr_pipeline.llm.backends.llama_engine import GenerationRequest, LlamaEngine
 from cdsr_pipeline.llm.types import Completion, CompletionRequest, ContinuationRequest
 from cdsr_pipeline.storage import PROCESS_FILE_HASHES, atomic_target, default_storage_root
 

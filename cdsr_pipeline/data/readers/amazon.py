@@ -75,8 +75,8 @@ from typing import Literal
 import duckdb
 import pyarrow as pa
 
-from . import schema
-from .ingest import (
+from .. import schema
+from ..ingest import (
     INTERACTIONS_FILE,
     ITEMS_FILE,
     QUARANTINE_FILE,
@@ -89,7 +89,7 @@ from .ingest import (
     sql_str,
     write_query_parquet,
 )
-from .staging import (
+from ..staging import (
     StagedRows,
     TextLines,
     apply_line_rejects,

@@ -29,8 +29,8 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 
-from . import schema
-from .ingest import (
+from .. import schema
+from ..ingest import (
     INTERACTIONS_FILE,
     ITEMS_FILE,
     QUARANTINE_FILE,
@@ -39,7 +39,7 @@ from .ingest import (
     SourceError,
     require_file,
 )
-from ..storage import write_parquet_atomic
+from ...storage import write_parquet_atomic
 
 
 def default_domain_names(folder: Path) -> tuple[str, str]:
