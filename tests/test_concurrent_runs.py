@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -57,13 +58,27 @@ def test_a_lock_names_its_holder_times_out_and_dies_with_a_killed_holder(tmp_pat
 def test_a_run_waits_for_the_writer_of_an_asset_and_says_who_it_is(tmp_path, demo_copy):
     storage = tmp_path / "storage"
     store = ArtifactStore(storage)
+    notice = f"waiting for raw_interactions.lock: held by pid {os.getpid()}"
+    lines: list[str] = []
+    waiting = threading.Event()
+
+    def read(stream) -> None:
+        for line in stream:
+            lines.append(line)
+            if notice in line:
+                waiting.set()
+
     with store.lock("raw_interactions", "a test holding raw_interactions"):
         run = _cdsr_run(storage, demo_copy, "raw_interactions")
-        time.sleep(20)  # long enough for Dagster to start and reach the asset
-        assert run.poll() is None, run.stdout.read()
-    output, _ = run.communicate(timeout=300)
+        reader = threading.Thread(target=read, args=(run.stdout,), daemon=True)
+        reader.start()
+        # held until the run has reached the asset and said whom it waits for (however slow its start)
+        assert waiting.wait(timeout=300), "".join(lines)
+        assert run.poll() is None, "".join(lines)
+    run.wait(timeout=300)
+    reader.join(timeout=10)
+    output = "".join(lines)
     assert run.returncode == 0, output
-    assert f"waiting for raw_interactions.lock: held by pid {os.getpid()}" in output
     assert "a test holding raw_interactions" in output
 
 

@@ -69,14 +69,13 @@ class _TrainingSettingsBase(dg.Config):
         "then gives the mean and spread over the seeds (what one run's number is worth).",
     )
 
-    def train_config(self, spec: RunSpec, train_user_domains: tuple[str, ...] | None = None) -> TrainConfig:
+    def train_config(self, spec: RunSpec) -> TrainConfig:
+        """The run of ``spec`` under these settings (the model settings apply to sequential models only)."""
         values = {name: tuple(value) if isinstance(value, list) else value for name, value in self.model_dump().items()}
         model = spec.model
         if model.architecture == "sequential":
             model = dataclasses.replace(model, **{name: values[name] for name in MODEL_SETTINGS})
         train = {name: values[name] for name in _TRAIN_SETTINGS}
-        if train_user_domains:
-            train["train_user_domains"] = train_user_domains
         return TrainConfig(model=model, name=spec.name, ablation_group=spec.ablation_group, **train)
 
     def run_configs(self, specs: list[RunSpec]) -> list[TrainConfig]:
