@@ -128,17 +128,14 @@ class QueryParquetFile:
         self.schema = schema
         self.target = Path(path)
         self.rows = 0
-        self._target: contextlib.AbstractContextManager[str] | None = None
+        self._files: contextlib.ExitStack | None = None  # the temporary file, then its writer
         self._writer: pq.ParquetWriter | None = None
 
     def __enter__(self) -> QueryParquetFile:
-        self._target = atomic_target(self.target)
-        tmp = self._target.__enter__()
-        try:
-            self._writer = pq.ParquetWriter(tmp, self.schema, compression="zstd")
-        except BaseException as error:
-            self._target.__exit__(type(error), error, error.__traceback__)
-            raise
+        with contextlib.ExitStack() as files:
+            tmp = files.enter_context(atomic_target(self.target))
+            self._writer = files.enter_context(pq.ParquetWriter(tmp, self.schema, compression="zstd"))
+            self._files = files.pop_all()
         return self
 
     def write(self, con: duckdb.DuckDBPyConnection, query: str) -> int:
@@ -162,12 +159,8 @@ class QueryParquetFile:
         return rows
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        writer, target = self._writer, self._target
-        assert writer is not None and target is not None
-        self._writer = self._target = None
-        try:
-            writer.close()
-        except BaseException as error:
-            target.__exit__(type(error), error, error.__traceback__)
-            raise
-        target.__exit__(exc_type, exc, tb)
+        files = self._files
+        assert files is not None
+        self._files = self._writer = None
+        # the writer closes first (its file complete), then atomic_target renames or removes it
+        files.__exit__(exc_type, exc, tb)
