@@ -52,6 +52,17 @@ ARRAYS = SequenceArrays(
 )
 
 
+def _reference_log_probs(model, name, outputs, batch, domain):
+    """log P_m^s(i) of every item of the domain, [V, E, N_D], straight from the
+    definition: encoders over every position, a log_softmax per query, uniform rows for
+    empty prefixes."""
+    tower, ex = model.towers[name], batch.domains[domain]
+    queries = torch.cat([tower.queries(outputs[name][v][ex.query_rows[v], ex.query_positions[v]]) for v in model.views])
+    log_probs = torch.log_softmax(queries @ tower.candidates(*model.domains.item_range(domain)).t(), dim=-1)
+    rows = log_probs[ex.example_query.clamp(min=0)]
+    return rows.masked_fill((ex.example_query < 0)[..., None], -math.log(model.domains.sizes[domain]))
+
+
 def _manual_loss(model, batch):
     """-sum_s w_D(s) log sum_m alpha_m P_m^s(target), from full softmax rows, mean over examples."""
     outputs = model._encode(batch)
@@ -60,7 +71,7 @@ def _manual_loss(model, batch):
         ex = batch.domains[domain]
         per_tower = []
         for name in model.towers:
-            full = model._domain_log_probs(name, outputs[name], batch, domain, full=True)  # [V, E, N_D]
+            full = _reference_log_probs(model, name, outputs, batch, domain)  # [V, E, N_D]
             per_tower.append(full.gather(2, ex.targets[None, :, None].expand(full.shape[0], -1, 1)).squeeze(2))
         probs = sum(torch.exp(lp + lw) for lp, lw in zip(per_tower, model.log_weights))
         total = total - (model.view_weights[domain][:, None] * probs.log()).sum()
@@ -93,7 +104,7 @@ def test_inference_score_is_the_weighted_sum_of_fused_probabilities():
         scores = model.full_sort_predict(batch)
         outputs = model._encode(batch)
         fused = sum(
-            torch.exp(model._domain_log_probs(name, outputs[name], batch, 1, full=True)) * w.exp()
+            torch.exp(_reference_log_probs(model, name, outputs, batch, 1)) * w.exp()
             for name, w in zip(model.towers, model.log_weights)
         )  # [V, E, N_B]
         expected = fused[0] * 0.3 + fused[1] * 1.0 + fused[2] * 0.1  # X is the other domain for target B
@@ -110,9 +121,9 @@ def test_an_empty_prefix_predicts_the_uniform_distribution():
     outputs = model._encode(batch)
     with torch.no_grad():
         for name in model.towers:
-            log_probs = model._domain_log_probs(name, outputs[name], batch, 0, full=True)
+            log_probs = _reference_log_probs(model, name, outputs, batch, 0)
             assert torch.allclose(log_probs[0], torch.full((1, 5), -math.log(5)))
-            targets = model._domain_log_probs(name, outputs[name], batch, 0, full=False)
+            targets = model._domain_log_probs(name, outputs[name], batch, 0)
             assert targets[0].item() == pytest.approx(-math.log(5))
 
 
@@ -235,3 +246,29 @@ def test_configs_round_trip_through_json_and_presets_are_valid():
     assert config.identity_hash() != dataclasses.replace(config, seed=1).identity_hash()
     with pytest.raises(ValueError):
         ModelConfig(modalities=("id", "audio"))
+
+
+@pytest.mark.parametrize("preset", ["sasrec", "gru4rec", "llm_emf", "tema_llm", "tema_llm_fused"])
+def test_inference_equals_the_full_softmax_of_every_position(preset):
+    """full_sort_predict computes the encoders' last block only where it is read, and
+    folds normaliser, view and tower weights into one pass: the same scores as the
+    definition. Row 1 has an empty X prefix; row 2 two examples that share their Y
+    query (the Y prefix [6] before both targets: one query read twice)."""
+    model = _model(PRESETS[preset])
+    arrays = SequenceArrays(
+        inputs=np.array([[0, 6, 7, 1, 8], [9, 11, 10, -1, -1], [0, 6, 1, -1, -1]]),
+        targets=np.array([[-1, -1, -1, -1, 2], [-1, -1, 3, -1, -1], [-1, 1, 2, -1, -1]]),
+        lengths=np.array([5, 3, 3]),
+    )
+    batch = make_batch(arrays, np.arange(3), DOMAINS, model.views)
+    examples = batch.domains[0]
+    assert (examples.example_query >= 0).sum() > sum(r.numel() for r in examples.query_rows.values()) or preset in ("sasrec", "gru4rec")
+    with torch.no_grad():
+        outputs = model._encode(batch)
+        expected = sum(
+            torch.einsum("v,ven->en", model.view_weights[0] * w.exp(), _reference_log_probs(model, name, outputs, batch, 0).exp())
+            for name, w in zip(model.towers, model.log_weights)
+        )
+        scores = model.full_sort_predict(batch)
+    assert scores.shape == (4, 5)
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-6)

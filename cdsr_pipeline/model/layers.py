@@ -44,7 +44,7 @@ def _chunk_rows(queries: torch.Tensor, candidates: torch.Tensor) -> int:
     return max(64, budget // max(1, candidates.shape[0]))
 
 
-def _needs_shift(max_logit: float | None, num_candidates: int) -> bool:
+def needs_shift(max_logit: float | None, num_candidates: int) -> bool:
     """Whether exp(logits) needs a shift: always for unbounded (dot) scores."""
     return max_logit is None or max_logit + math.log(max(1, num_candidates)) > EXP_SAFE
 
@@ -106,7 +106,7 @@ class _ChunkedLogSumExp(torch.autograd.Function):
         """
         ctx.stored = True
         exp_logits_t = candidates @ queries.t()
-        if _needs_shift(max_logit, candidates.shape[0]):
+        if needs_shift(max_logit, candidates.shape[0]):
             shift = exp_logits_t.amax(dim=0) if max_logit is None else exp_logits_t.new_full((1,), max_logit)
             exp_logits_t.sub_(shift)
         else:  # bounded logits (cosine): exp() cannot overflow, and a shift would cost a pass
@@ -192,6 +192,22 @@ class _AttentionBlock(nn.Module):
         x = x + self.dropout(self.proj(attended.transpose(1, 2).reshape(batch, length, dim)))
         return x + self.dropout(self.ffn(self.norm2(x)))
 
+    def forward_at(self, x: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``forward(x)[rows, positions]`` ([Q, d]): keys and values at every position,
+        queries, projection and feed-forward only at the positions read."""
+        batch, length, dim = x.shape
+        heads, head_dim = self.num_heads, dim // self.num_heads
+        kv = F.linear(self.norm1(x), self.qkv.weight[dim:], self.qkv.bias[dim:])
+        k, v = kv.view(batch, length, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, L, hd]
+        at = x[rows, positions]  # [Q, d]
+        q = F.linear(self.norm1(at), self.qkv.weight[:dim], self.qkv.bias[:dim]).view(-1, heads, 1, head_dim)
+        causal = torch.arange(length, device=x.device)[None, :] <= positions[:, None]  # [Q, L]
+        attended = F.scaled_dot_product_attention(
+            q, k[rows], v[rows], attn_mask=causal[:, None, None, :], dropout_p=self.dropout_p if self.training else 0.0
+        )
+        at = at + self.dropout(self.proj(attended.reshape(-1, dim)))
+        return at + self.dropout(self.ffn(self.norm2(at)))
+
 
 class CausalSelfAttentionEncoder(nn.Module):
     """Learned positional embedding + causal self-attention blocks (SASRec-style).
@@ -214,6 +230,18 @@ class CausalSelfAttentionEncoder(nn.Module):
             x = block(x)
         return self.norm(x)
 
+    def forward_at(self, x: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``forward(x)[rows, positions]`` ([Q, d]), the last block computed only at those
+        positions. Inference reads one position per sequence: with one block (the papers'
+        setting) this skips two thirds of its products (keys and values, 2d^2 of the
+        block's 6d^2 per position, are all that every position still needs)."""
+        x = self.input_dropout(x + self.positions.weight[: x.shape[1]])
+        if not self.blocks:
+            return self.norm(x[rows, positions])
+        for block in self.blocks[:-1]:
+            x = block(x)
+        return self.norm(self.blocks[-1].forward_at(x, rows, positions))
+
 
 class GRUEncoder(nn.Module):
     """GRU4Rec: a GRU over the (dropped-out) item embeddings; causal by construction."""
@@ -225,3 +253,7 @@ class GRUEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.gru(self.input_dropout(x))[0]
+
+    def forward_at(self, x: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``forward(x)[rows, positions]``: a recurrence has to run every position anyway."""
+        return self.forward(x)[rows, positions]
