@@ -1,6 +1,7 @@
 """Throughput of the LLM stages with the embedded model, extrapolated to Food-Kitchen.
 
     python benchmarks/llm.py --items 200
+    python benchmarks/llm.py --precision f16 bf16     # both weight precisions, answers compared
 
 Reads real titles from ``shared/data/llmcdsr-food-kitchen/items.tsv`` when present
 (a seeded sample of ``--items``), else the test fixture's 12 titles. Measures, each
@@ -119,6 +120,44 @@ def _counts(engine) -> tuple[int, int]:
     return (engine.tokens_evaluated, engine.decode_calls) if engine is not None else (0, 0)
 
 
+def run_stages(items: pa.Table, config: EmbeddedConfig, args: argparse.Namespace) -> dict[str, list]:
+    """Tag scoring and augmentation on a fresh call log, timed; the answers, for comparison."""
+    started = time.perf_counter()
+    backend = EmbeddedBackend(config)
+    print(f"\n[{config.precision}] model load: {time.perf_counter() - started:.1f}s, identity {backend.identity}")
+    domain_tags, vocabulary = tag_tables(args.candidates)
+    answers: dict[str, list] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        with CallLog(Path(tmp) / "calls.duckdb") as call_log:
+            engine = getattr(backend, "_engine", None)
+            before, started = _counts(engine), time.perf_counter()
+            scored = score_item_tags(items, domain_tags, vocabulary, backend, call_log, TagScoringConfig(candidates=0))
+            report("tag scoring", items.num_rows, time.perf_counter() - started, engine, before)
+            print(f"               {scored.table.num_rows} scores, {scored.stats.failed} failures")
+            answers["tag scores"] = sorted(
+                zip(scored.table["item_id"].to_pylist(), scored.table["tag_id"].to_pylist(), scored.table["score"].to_pylist())
+            )
+            if args.aug_items:
+                subset = items.slice(0, args.aug_items)
+                before, started = _counts(engine), time.perf_counter()
+                augmented = augment_items(subset, backend, call_log, AugmentationConfig(max_tokens=args.max_tokens))
+                report("augmentation", subset.num_rows, time.perf_counter() - started, engine, before)
+                example = augmented.table.to_pylist()[0]
+                print(f"               {augmented.stats.failed} failures; e.g. {example['text']!r}")
+                answers["augmented texts"] = sorted(zip(augmented.table["item_id"].to_pylist(), augmented.table["text"].to_pylist()))
+    backend.close()
+    return answers
+
+
+def compare_answers(by_precision: dict[str, dict[str, list]]) -> None:
+    """How many answers each precision shares with the first one given."""
+    (first, reference), *others = by_precision.items()
+    for precision, answers in others:
+        for stage, rows in answers.items():
+            same = sum(a == b for a, b in zip(reference[stage], rows))
+            print(f"{precision} against {first}, {stage}: {same}/{len(rows)} identical")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, default=200, help="titles sampled for tag scoring")
@@ -128,37 +167,30 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--generation-batch", type=int, default=EmbeddedConfig.generation_batch)
     parser.add_argument("--max-tokens", type=int, default=AugmentationConfig.max_tokens)
+    parser.add_argument(
+        "--precision", nargs="+", default=[EmbeddedConfig.precision], choices=["f16", "bf16", "as_shipped"],
+        help="the model's weights; several: each in turn on the same titles, then their answers compared",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     items, source = load_titles(args.items, args.seed)
-    config = EmbeddedConfig(model=args.model, n_threads=args.threads, generation_batch=args.generation_batch)
     print(f"data: {items.num_rows} titles sampled (seed {args.seed}) from {source}")
-    print(f"model: {config.model}, threads {config.n_threads}, generation batch {config.generation_batch}, "
-          f"scoring sequences {config.scoring_sequences}, n_ctx {config.n_ctx}, n_batch {config.n_batch}")
+    print(f"model: {args.model}, threads {args.threads}, generation batch {args.generation_batch}, "
+          f"scoring sequences {EmbeddedConfig.scoring_sequences}, n_ctx {EmbeddedConfig.n_ctx}, n_batch {EmbeddedConfig.n_batch}")
     print(f"tag scoring: logprob, K={args.candidates} candidates per item; augmentation: max_tokens={args.max_tokens}")
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start (shared machines vary)")
-    started = time.perf_counter()
-    backend = EmbeddedBackend(config)
-    print(f"model load: {time.perf_counter() - started:.1f}s, identity {backend.identity}")
-    domain_tags, vocabulary = tag_tables(args.candidates)
-    with tempfile.TemporaryDirectory() as tmp:
-        with CallLog(Path(tmp) / "calls.duckdb") as call_log:
-            engine = getattr(backend, "_engine", None)
-            before, started = _counts(engine), time.perf_counter()
-            scored = score_item_tags(items, domain_tags, vocabulary, backend, call_log, TagScoringConfig(candidates=0))
-            report("tag scoring", items.num_rows, time.perf_counter() - started, engine, before)
-            print(f"               {scored.table.num_rows} scores, {scored.stats.failed} failures")
-            if args.aug_items:
-                subset = items.slice(0, args.aug_items)
-                before, started = _counts(engine), time.perf_counter()
-                augmented = augment_items(subset, backend, call_log, AugmentationConfig(max_tokens=args.max_tokens))
-                report("augmentation", subset.num_rows, time.perf_counter() - started, engine, before)
-                example = augmented.table.to_pylist()[0]
-                print(f"               {augmented.stats.failed} failures; e.g. {example['text']!r}")
+    by_precision = {}
+    for precision in args.precision:
+        config = EmbeddedConfig(
+            model=args.model, n_threads=args.threads, generation_batch=args.generation_batch, precision=precision
+        )
+        by_precision[precision] = run_stages(items, config, args)
+    if len(by_precision) > 1:
+        print()
+        compare_answers(by_precision)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"load average at end {os.getloadavg()[0]:.2f}; peak RSS {peak_mib:.0f} MiB (getrusage ru_maxrss)")
-    backend.close()
 
 
 if __name__ == "__main__":

@@ -230,23 +230,25 @@ def _storage_root(args: argparse.Namespace) -> Path:
     return Path(args.storage).resolve() if args.storage else default_storage_root()
 
 
-def _call_log_path(args: argparse.Namespace) -> Path:
-    from .llm import CALL_LOG_FILE
+def _locked_call_log(args: argparse.Namespace, command: str):
+    """The storage's call log, once no LLM stage (or other import) is writing it."""
+    from .llm import locked_call_log
 
-    storage = _storage_root(args)
-    return storage / "cache" / CALL_LOG_FILE
+    store = ArtifactStore(_storage_root(args))
+    holder = f"cdsr llm-log {command} (pid {os.getpid()})"
+    return locked_call_log(store, holder, on_wait=lambda message: print(message, file=sys.stderr, flush=True))
 
 
 def cmd_llm_log_export(args: argparse.Namespace) -> int:
-    from .llm.calllog import CallLog
+    from .llm import call_log_path
     from .llm.portable import export_calls
 
-    path = _call_log_path(args)
+    path = call_log_path(ArtifactStore(_storage_root(args)))
     if not path.is_file():
         print(f"error: no LLM call log at {path} (run the LLM stages first, or pass --storage)", file=sys.stderr)
         return 2
     limit = None if args.max_file_mb <= 0 else int(args.max_file_mb * 1024 * 1024)
-    with CallLog(path) as call_log:
+    with _locked_call_log(args, "export") as call_log:
         written, left_out, files = export_calls(call_log, args.file, stage=args.stage, max_file_bytes=limit)
     where = files[0] if len(files) == 1 else f"{len(files)} parts {files[0].name} .. {files[-1].name} in {files[0].parent}"
     print(f"exported {written:,} recorded answers from {path} to {where}")
@@ -256,15 +258,15 @@ def cmd_llm_log_export(args: argparse.Namespace) -> int:
 
 
 def cmd_llm_log_import(args: argparse.Namespace) -> int:
-    from .llm.calllog import CallLog
+    from .llm import call_log_path
     from .llm.portable import export_part_paths, import_calls, read_call_export
 
     # an export written in parts is named by its own path (NAME.parquet for NAME.partNN.parquet)
     files = [part for name in args.files for part in (export_part_paths(name) or [Path(name)])]
     tables = [read_call_export(file) for file in files]  # every file checked before any is imported
-    path = _call_log_path(args)
+    path = call_log_path(ArtifactStore(_storage_root(args)))
     conflicts = False
-    with CallLog(path) as call_log:
+    with _locked_call_log(args, "import") as call_log:
         for file, table in zip(files, tables):
             report = import_calls(call_log, table)
             print(f"{file} -> {path}")

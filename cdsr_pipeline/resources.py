@@ -1,18 +1,27 @@
-"""Dagster resources: where data comes from and where artifacts go (plus models, later).
+"""Dagster resources: where data comes from, where artifacts go, and the encoders and LLM.
 
 Resources describe the environment a run works in; hyperparameters are ``dg.Config``
 on the assets. Both are fingerprinted, so changing either reruns what depends on it.
+The encoder and LLM resources take their fields (types, defaults, descriptions) from the
+library's dataclasses (``EncoderSpec``, ``EmbeddedConfig``, ``OllamaConfig``), like the
+assets' configs (``assets/_config.py``).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from pathlib import Path
+from typing import Any, Optional
 
 import dagster as dg
 from pydantic import Field
 
+from .assets._config import dagster_config, dagster_fields
 from .data.sources import FORMATS, SourceSpec, demo_source
-from .storage import ArtifactStore
+from .features.encoders import EncoderSpec, folder_sha256
+from .llm.backends import EmbeddedConfig, LLMConfig, OllamaConfig
+from .llm.backends.embedded import resolve_model
+from .storage import ArtifactStore, stable_hash
 
 
 class StorageResource(dg.ConfigurableResource):
@@ -47,44 +56,18 @@ class DatasetSource(dg.ConfigurableResource):
         )
 
 
-class _EncoderResource(dg.ConfigurableResource):
-    """A frozen encoder (see ``features/encoders.py``); built only when a stage has work to do."""
+class _EncoderResourceBase(dg.ConfigurableResource):
+    """A frozen encoder (see ``features/encoders.py``); built only when a stage has work to
+    do. Its fields are :class:`~cdsr_pipeline.features.encoders.EncoderSpec`'s."""
 
-    backend: str
-    model: Optional[str] = Field(default=None, description="open_clip architecture, or a local sentence-transformers folder.")
-    pretrained: Optional[str] = Field(
-        default=None, description="open_clip: pretrained tag (downloaded once, cached) or a local checkpoint file."
-    )
-    device: Optional[str] = Field(default=None, description="cuda / cpu; empty: CUDA when present.")
-    batch_size: Optional[int] = Field(default=None, description="Items per forward pass; empty: 64.")
-    precision: str = Field(
-        default="fp32",
-        description="fp32, or bf16 where the device multiplies bf16 natively (other vectors: the tag candidates, "
-        "hence the LLM's prompts, change with them).",
-    )
-
-    def spec(self):
-        from .features.encoders import EncoderSpec
-
-        return EncoderSpec(
-            backend=self.backend,
-            model=self.model,
-            pretrained=self.pretrained,
-            device=self.device,
-            batch_size=self.batch_size,
-            precision=self.precision,
-        )
+    def spec(self) -> EncoderSpec:
+        return EncoderSpec(**{field.name: getattr(self, field.name) for field in dataclasses.fields(EncoderSpec)})
 
     def fingerprint(self, store: ArtifactStore) -> str:
         """What determines the vectors: backend, model and weights (by content hash where local).
 
         Device and batch size do not change the output and are left out.
         """
-        from pathlib import Path
-
-        from .features.encoders import folder_sha256
-        from .storage import stable_hash
-
         spec = self.spec().resolved()
         identity = {"backend": spec.backend, "model": spec.model, "pretrained": spec.pretrained}
         if spec.precision != "fp32":
@@ -98,20 +81,41 @@ class _EncoderResource(dg.ConfigurableResource):
         return stable_hash(identity)
 
 
-class TextEncoderResource(_EncoderResource):
-    """Text encoder for E_tex and E_llm. Default: the bundled MiniLM (offline); CLIP: backend open_clip."""
-
-    backend: str = Field(default="sentence_transformers", description="sentence_transformers or open_clip.")
-
-
-class ImageEncoderResource(_EncoderResource):
-    """Image encoder for E_img: open_clip ViT-B-32 (LAION-2B) by default; loaded only if items have images."""
-
-    backend: str = Field(default="open_clip", description="open_clip (the only backend with images).")
+def _encoder_resource(name: str, doc: str, backend: str, backend_doc: str) -> type[_EncoderResourceBase]:
+    fields = dagster_fields(EncoderSpec)
+    fields["backend"] = (str, Field(default=backend, description=backend_doc))
+    return dagster_config(EncoderSpec, name, doc, base=_EncoderResourceBase, fields=fields)
 
 
-class LLMResource(dg.ConfigurableResource):
-    """The LLM of the augmentation and tag stages: embedded llama.cpp (default) or an Ollama server."""
+TextEncoderResource = _encoder_resource(
+    "TextEncoderResource",
+    "Text encoder for E_tex and E_llm. Default: the bundled MiniLM (offline); CLIP: backend open_clip.",
+    "sentence_transformers",
+    "sentence_transformers or open_clip.",
+)
+ImageEncoderResource = _encoder_resource(
+    "ImageEncoderResource",
+    "Image encoder for E_img: open_clip ViT-B-32 (LAION-2B) by default; loaded only if items have images.",
+    "open_clip",
+    "open_clip (the only backend with images).",
+)
+
+
+def _prefixed(backend: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """The fields with their description prefixed by the backend they apply to."""
+    return {
+        name: (kind, Field(default=info.default, description=f"{backend}: {info.description[:1].lower()}{info.description[1:]}"))
+        for name, (kind, info) in fields.items()
+    }
+
+
+_EMBEDDED_SETTINGS = ("n_threads", "generation_batch", "precision")
+_OLLAMA_SETTINGS = ("host", "timeout_s", "max_retries", "max_concurrency", "think")
+
+
+class _LLMResourceBase(dg.ConfigurableResource):
+    """How the LLM resource's flat fields become the library's :class:`LLMConfig`: the
+    shared ``backend`` and ``model``, then each backend's own settings."""
 
     backend: str = Field(default="embedded", description="embedded (llama.cpp in-process) or ollama.")
     model: str = Field(
@@ -119,35 +123,18 @@ class LLMResource(dg.ConfigurableResource):
         description="embedded: smollm2 | gemma3-270m | a .gguf path (default smollm2); "
         "ollama: a model tag (default deepseek-r1:14b).",
     )
-    n_threads: int = Field(default=2, description="embedded: CPU threads.")
-    generation_batch: int = Field(default=16, description="embedded: sequences generated together.")
-    precision: str = Field(default="f16", description="embedded: f16 (converted once; faster on CPU) or as_shipped.")
-    host: Optional[str] = Field(default=None, description="ollama: server URL, or several comma-separated (requests are spread over them); empty: $OLLAMA_HOST or 127.0.0.1:11434.")
-    timeout_s: float = Field(default=300.0, description="ollama: longest silence while waiting for an answer.")
-    max_retries: int = Field(default=4, description="ollama: retries on connection errors, timeouts and 5xx.")
-    max_concurrency: int = Field(default=4, description="ollama: requests in flight per server (match OLLAMA_NUM_PARALLEL).")
-    think: Optional[bool] = Field(default=None, description="ollama: false turns a reasoning model's thinking off.")
 
-    def llm_config(self, store: ArtifactStore):
-        from .llm import EmbeddedConfig, LLMConfig, OllamaConfig
-
+    def llm_config(self, store: ArtifactStore) -> LLMConfig:
         if self.backend == "embedded":
             embedded = EmbeddedConfig(
                 model=self.model or EmbeddedConfig.model,
-                n_threads=self.n_threads,
-                generation_batch=self.generation_batch,
-                precision=self.precision,
                 model_dir=str(store.cache_dir("models")),
+                **{name: getattr(self, name) for name in _EMBEDDED_SETTINGS},
             )
             return LLMConfig(backend="embedded", embedded=embedded)
         if self.backend == "ollama":
             ollama = OllamaConfig(
-                model=self.model or OllamaConfig.model,
-                host=self.host,
-                timeout_s=self.timeout_s,
-                max_retries=self.max_retries,
-                max_concurrency=self.max_concurrency,
-                think=self.think,
+                model=self.model or OllamaConfig.model, **{name: getattr(self, name) for name in _OLLAMA_SETTINGS}
             )
             return LLMConfig(backend="ollama", ollama=ollama)
         raise ValueError(f"unknown LLM backend {self.backend!r}; use 'embedded' or 'ollama'")
@@ -157,9 +144,6 @@ class LLMResource(dg.ConfigurableResource):
 
         Threads, batch sizes and concurrency do not change answers kept in the call log.
         """
-        from .llm.backends.embedded import resolve_model
-        from .storage import stable_hash
-
         config = self.llm_config(store)
         if config.backend == "embedded":
             resolved = resolve_model(config.embedded.model, config.embedded.model_dir)
@@ -169,3 +153,15 @@ class LLMResource(dg.ConfigurableResource):
         hosts = config.ollama.resolved_hosts()
         host = hosts[0] if len(hosts) == 1 else sorted(hosts)  # one server: the fingerprint of earlier versions
         return stable_hash({"backend": "ollama", "host": host, "model": config.ollama.model})
+
+
+LLMResource = dagster_config(
+    LLMConfig,
+    "LLMResource",
+    "The LLM of the augmentation and tag stages: embedded llama.cpp (default) or an Ollama server.",
+    base=_LLMResourceBase,
+    fields={
+        **_prefixed("embedded", dagster_fields(EmbeddedConfig, include=_EMBEDDED_SETTINGS)),
+        **_prefixed("ollama", dagster_fields(OllamaConfig, include=_OLLAMA_SETTINGS)),
+    },
+)

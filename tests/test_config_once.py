@@ -88,3 +88,43 @@ def test_a_run_from_the_settings_is_the_train_config_written_by_hand() -> None:
 def test_unchanged_settings_keep_their_fingerprint(name: str) -> None:
     settings = {"TrainingSettings": TrainingSettings, "ImageFetchSettings": ImageFetchSettings}.get(name) or SETTINGS[name][0]
     assert stable_hash(settings().model_dump()) == DEFAULT_DUMP_HASHES[name]
+
+
+# The resources' fingerprints (part of the fingerprint of every stage that uses them) at
+# the values the hand-written resources gave: the generated ones keep every cache valid.
+RESOURCE_FINGERPRINTS = {
+    "text encoder": "7b9fe972a7e7f57c27cb78066c0862caf2bfa1e0eb8c801983927365e74fe984",
+    "image encoder": "ab42fbf453283c7cfcfb267fee4b2602b4e9dac1f979fd956e3a971456c42796",
+    "text encoder bf16": "f257a692e52738dc8a1333b8facf6bb44ba2c38aefe05ecea592bc1e6b0e3bc5",
+    "one ollama server": "08ffbc68bc56ad98408dcf97925474aa5e37a38e36f01ecfd36a4ad84728ca6c",
+    "two ollama servers": "e74e98fbf8d1a4a816c291cc3864eca976584dba9e115672cf46c9892fe4dec4",
+}
+
+
+def test_the_resources_take_their_fields_from_the_library_and_keep_their_fingerprints(tmp_path) -> None:
+    from cdsr_pipeline.features.encoders import EncoderSpec
+    from cdsr_pipeline.llm import EmbeddedConfig, OllamaConfig
+    from cdsr_pipeline.resources import ImageEncoderResource, LLMResource, TextEncoderResource
+    from cdsr_pipeline.storage import ArtifactStore
+
+    assert TextEncoderResource().spec() == EncoderSpec(backend="sentence_transformers")
+    assert ImageEncoderResource().spec() == EncoderSpec()
+    llm = LLMResource()
+    for name in ("n_threads", "generation_batch", "precision"):
+        assert getattr(llm, name) == getattr(EmbeddedConfig(), name), name
+        assert LLMResource.model_fields[name].description.startswith("embedded: ")
+    for name in ("host", "timeout_s", "max_retries", "max_concurrency", "think"):
+        assert getattr(llm, name) == getattr(OllamaConfig(), name), name
+        assert LLMResource.model_fields[name].description.startswith("ollama: ")
+    ollama = LLMResource(backend="ollama", host="http://a:1", max_concurrency=2).llm_config(ArtifactStore(tmp_path))
+    assert (ollama.ollama.host, ollama.ollama.max_concurrency, ollama.ollama.model) == ("http://a:1", 2, OllamaConfig.model)
+
+    store = ArtifactStore(tmp_path)
+    fingerprints = {
+        "text encoder": TextEncoderResource().fingerprint(store),
+        "image encoder": ImageEncoderResource().fingerprint(store),
+        "text encoder bf16": TextEncoderResource(precision="bf16").fingerprint(store),
+        "one ollama server": LLMResource(backend="ollama", host="http://a:1").fingerprint(store),
+        "two ollama servers": LLMResource(backend="ollama", host="http://a:1,http://b:2", think=False).fingerprint(store),
+    }
+    assert fingerprints == RESOURCE_FINGERPRINTS

@@ -149,6 +149,39 @@ def test_cli_round_trip_and_clear_errors(tmp_path, capsys):
     assert "not a readable parquet file" in capsys.readouterr().err
 
 
+
+def test_import_waits_for_the_writer_of_the_call_log_and_names_it(tmp_path, capsys):
+    """An LLM stage holds the storage's call-log lock while it asks: an import beside it
+    waits (saying for whom) instead of failing on DuckDB's file lock, then imports."""
+    import threading
+
+    from cdsr_pipeline.storage import ArtifactStore
+
+    with CallLog(tmp_path / "a" / "cache" / "llm_calls.duckdb") as log_a:
+        ask(log_a, ["tea"], Answerer())
+    out = tmp_path / "answers.parquet"
+    assert main(["llm-log", "export", str(out), "--storage", str(tmp_path / "a")]) == 0
+    held, release = threading.Event(), threading.Event()
+
+    def stage() -> None:
+        with ArtifactStore(tmp_path / "b").lock("llm_calls", "item_tag_scores in Dagster run r1"):
+            held.set()
+            release.wait(30)
+
+    writer = threading.Thread(target=stage)
+    writer.start()
+    held.wait(10)
+    threading.Timer(1.5, release.set).start()
+    try:
+        assert main(["llm-log", "import", str(out), "--storage", str(tmp_path / "b")]) == 0
+    finally:
+        release.set()
+        writer.join()
+    captured = capsys.readouterr()
+    assert "item_tag_scores in Dagster run r1" in captured.err
+    assert "1 imported" in captured.out
+
+
 LLM_STAGES = {
     "llm_augmented_text": "augmented_text.parquet",
     "domain_tag_vocabularies": "tag_vocabulary.parquet",

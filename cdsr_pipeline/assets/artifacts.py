@@ -16,12 +16,16 @@ import pyarrow.parquet as pq
 from ..data.ingest import INTERACTIONS_FILE, ITEMS_FILE, QUARANTINE_FILE
 from ..data.schema import AUGMENTED_TEXT, DOMAIN_TAGS, ITEM_TAG_SCORES, ITEMS, TAG_VOCABULARY
 from ..data.sequences import DOMAINS_FILE, ITEMS_OUT, STATS_FILE
+from ..model import FeatureInputs
+from ..model.runs import RunSpec
+from ..storage import Manifest
 
 __all__ = [
     "AUGMENTED_FILE",
     "DOMAIN_TAGS_FILE",
     "DOMAINS_FILE",
     "EMBEDDINGS_FILE",
+    "FEATURE_ASSETS",
     "INTERACTIONS_FILE",
     "ISSUES_FILE",
     "ITEMS_FILE",
@@ -40,6 +44,7 @@ __all__ = [
     "read_sequence_stats",
     "read_tag_scores",
     "read_tag_vocabulary",
+    "run_feature_inputs",
     "tag_matrix_path",
     "tag_vocabulary_path",
 ]
@@ -70,6 +75,8 @@ class AssetFiles(Protocol):
     """Where a stage finds its inputs' files (``_stage.DeclaredInputs``: declared deps only)."""
 
     def path(self, asset: str, name: str) -> Path: ...
+
+    def manifest(self, asset: str) -> Manifest: ...
 
 
 class ArtifactContractError(RuntimeError):
@@ -129,3 +136,48 @@ def tag_matrix_path(files: AssetFiles, variant: str) -> Path:
 def tag_vocabulary_path(files: AssetFiles) -> Path:
     """domain_tag_vocabularies: the vocabulary file, for readers that open it themselves."""
     return files.path("domain_tag_vocabularies", VOCABULARY_FILE)
+
+
+# -- what a model run reads ----------------------------------------------------------
+
+# modality -> the asset of its embedding table
+FEATURE_ASSETS = {
+    "img": "item_image_embeddings",
+    "tex": "item_text_embeddings",
+    "llm": "item_llm_text_embeddings",
+}
+
+
+def run_feature_inputs(inputs: AssetFiles, spec: RunSpec) -> tuple[FeatureInputs, dict[str, str]]:
+    """The feature tables a run of ``spec`` reads (only the modalities its model uses, and
+    only those some item has), and the data versions that identify them."""
+    versions = {"cdsr_sequences": inputs.manifest("cdsr_sequences").data_version}
+    paths, provenance = {}, {}
+    for modality, asset in FEATURE_ASSETS.items():
+        if modality not in spec.model.modalities or spec.model.architecture != "sequential":
+            continue
+        manifest = inputs.manifest(asset)
+        if not manifest.metadata.get("present"):
+            continue  # no item has this feature (e.g. no images): the model leaves it out
+        paths[modality] = embeddings_path(inputs, asset)
+        versions[asset] = manifest.data_version
+        encoder = manifest.metadata.get("encoder", {})
+        provenance[modality] = f"{encoder.get('backend', '?')} {encoder.get('model', '?')}"
+    tags = vocabulary = None
+    if spec.tags is not None:
+        matrix = inputs.manifest("item_tag_matrix")
+        vocab = inputs.manifest("domain_tag_vocabularies")
+        tags = tag_matrix_path(inputs, spec.tags)
+        vocabulary = tag_vocabulary_path(inputs)
+        versions["item_tag_matrix"] = matrix.data_version
+        versions["domain_tag_vocabularies"] = vocab.data_version
+        llm = vocab.metadata.get("llm", {})
+        provenance["tag"] = f"tag matrix '{spec.tags}' (vocabulary and scores by {llm.get('backend', '?')} {llm.get('model', '?')})"
+    if "llm" in provenance:
+        augmenter = inputs.manifest("llm_augmented_text").metadata.get("llm", {})
+        provenance["llm"] += f" of text by {augmenter.get('backend', '?')} {augmenter.get('model', '?')}"
+    features = FeatureInputs(
+        img=paths.get("img"), tex=paths.get("tex"), llm=paths.get("llm"), tags=tags, tag_vocabulary=vocabulary,
+        provenance=provenance,
+    )
+    return features, versions

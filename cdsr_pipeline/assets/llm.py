@@ -6,8 +6,6 @@ assets run one at a time (the definitions use the in-process executor): on a sma
 machine two LLM stages side by side only fight for the same cores.
 """
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -17,15 +15,13 @@ from ..features.embeddings import CachedTextEncoder, encode_texts_by_item
 from ..features.encoders import load_text_encoder
 from ..features.tag_matrix import TagMatrixConfig, all_tag_matrices
 from ..llm import (
-    CALL_LOG_FILE,
     AugmentationConfig,
-    CallLog,
     TagScoringConfig,
     VocabularyConfig,
     augment_items,
     build_tag_vocabularies,
     domain_names,
-    open_backend,
+    llm_session,
     score_item_tags,
 )
 from ..resources import LLMResource, StorageResource, TextEncoderResource
@@ -47,20 +43,10 @@ from .artifacts import (
 )
 
 
-
-@contextlib.contextmanager
-def _llm_session(
-    store: ArtifactStore, llm: LLMResource, context: dg.AssetExecutionContext
-) -> Iterator[tuple[object, CallLog]]:
-    # DuckDB lets one process write the call log: an LLM stage of another run waits for it
+def _llm_session(store: ArtifactStore, llm: LLMResource, context: dg.AssetExecutionContext):
+    # an LLM stage of another run waits for this one (one writer per call log)
     holder = f"{context.asset_key.path[-1]} in Dagster run {context.run_id}"
-    with store.lock("llm_calls", holder, on_wait=context.log.warning):
-        backend = open_backend(llm.llm_config(store))
-        try:
-            with CallLog(store.root / "cache" / CALL_LOG_FILE) as call_log:
-                yield backend, call_log
-        finally:
-            backend.close()
+    return llm_session(store, llm.llm_config(store), holder, on_wait=context.log.warning)
 
 
 class LLMFailureLimit(dg.Config):

@@ -20,7 +20,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from ..model import FeatureInputs, ModelConfig, TrainConfig
+from ..model import ModelConfig, TrainConfig
 from ..model.config import ABLATIONS, PRESETS
 from ..model.runs import (
     RUNS_DIR,
@@ -39,14 +39,7 @@ from ..resources import StorageResource
 from ..storage import ArtifactStore, MissingArtifactError
 from ._config import dagster_config, dagster_fields
 from ._stage import HEAVY_TAG, DeclaredInputs, run_stage
-from .artifacts import embeddings_path, read_sequence_stats, tag_matrix_path, tag_vocabulary_path
-
-FEATURE_ASSETS = {
-    "img": "item_image_embeddings",
-    "tex": "item_text_embeddings",
-    "llm": "item_llm_text_embeddings",
-}
-
+from .artifacts import FEATURE_ASSETS, read_sequence_stats, run_feature_inputs
 
 MODEL_SETTINGS = ("hidden_dim", "temperature", "alpha", "lambda1", "lambda2", "sequence_weighting", "dropout", "loss_negatives")
 """The ``ModelConfig`` fields a model asset's config sets (the rest is the preset's: the model's definition)."""
@@ -116,40 +109,6 @@ def input_assets(models: list[ModelConfig], tags: bool) -> list[str]:
     return list(dict.fromkeys(needed))
 
 
-def _feature_inputs(inputs: DeclaredInputs, spec: RunSpec) -> tuple[FeatureInputs, dict[str, str]]:
-    """The feature tables a run reads, and the data versions that identify them."""
-    versions = {"cdsr_sequences": inputs.manifest("cdsr_sequences").data_version}
-    paths, provenance = {}, {}
-    for modality, asset in FEATURE_ASSETS.items():
-        if modality not in spec.model.modalities or spec.model.architecture != "sequential":
-            continue
-        manifest = inputs.manifest(asset)
-        if not manifest.metadata.get("present"):
-            continue  # no item has this feature (e.g. no images): the model leaves it out
-        paths[modality] = embeddings_path(inputs, asset)
-        versions[asset] = manifest.data_version
-        encoder = manifest.metadata.get("encoder", {})
-        provenance[modality] = f"{encoder.get('backend', '?')} {encoder.get('model', '?')}"
-    tags = vocabulary = None
-    if spec.tags is not None:
-        matrix = inputs.manifest("item_tag_matrix")
-        vocab = inputs.manifest("domain_tag_vocabularies")
-        tags = tag_matrix_path(inputs, spec.tags)
-        vocabulary = tag_vocabulary_path(inputs)
-        versions["item_tag_matrix"] = matrix.data_version
-        versions["domain_tag_vocabularies"] = vocab.data_version
-        llm = vocab.metadata.get("llm", {})
-        provenance["tag"] = f"tag matrix '{spec.tags}' (vocabulary and scores by {llm.get('backend', '?')} {llm.get('model', '?')})"
-    if "llm" in provenance:
-        augmenter = inputs.manifest("llm_augmented_text").metadata.get("llm", {})
-        provenance["llm"] += f" of text by {augmenter.get('backend', '?')} {augmenter.get('model', '?')}"
-    features = FeatureInputs(
-        img=paths.get("img"), tex=paths.get("tex"), llm=paths.get("llm"), tags=tags, tag_vocabulary=vocabulary,
-        provenance=provenance,
-    )
-    return features, versions
-
-
 def train_asset_runs(
     context: dg.AssetExecutionContext, inputs: DeclaredInputs, config: TrainingSettings, specs: list[RunSpec], folder: Path
 ) -> dict:
@@ -157,7 +116,7 @@ def train_asset_runs(
     configs = config.run_configs(specs)
     results = train_runs(
         configs,
-        lambda run: _feature_inputs(inputs, spec_of(run, specs)),
+        lambda run: run_feature_inputs(inputs, spec_of(run, specs)),
         inputs.asset_dir("cdsr_sequences"),
         inputs.store.cache_dir("training"),
         folder,

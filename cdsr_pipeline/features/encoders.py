@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cdsr_pipeline.settings import setting
 from cdsr_pipeline.storage import sha256_file, stable_hash
 
 log = logging.getLogger(__name__)
@@ -90,12 +91,18 @@ class EncoderSpec:
             of the identity (fp32's identity is as before precision existed).
     """
 
-    backend: Backend = "open_clip"
-    model: str | None = None
-    pretrained: str | None = None
-    device: str | None = None
-    batch_size: int | None = None
-    precision: str = "fp32"
+    backend: Backend = setting("open_clip", "open_clip (text and images) or sentence_transformers (text only).")
+    model: str | None = setting(None, "open_clip architecture, or a local sentence-transformers folder.")
+    pretrained: str | None = setting(
+        None, "open_clip: pretrained tag (downloaded once, cached) or a local checkpoint file."
+    )
+    device: str | None = setting(None, "cuda / cpu; empty: CUDA when present.")
+    batch_size: int | None = setting(None, "Items per forward pass; empty: 64.")
+    precision: str = setting(
+        "fp32",
+        "fp32, or bf16 where the device multiplies bf16 natively (other vectors: the tag candidates, "
+        "hence the LLM's prompts, change with them).",
+    )
 
     def resolved(self) -> EncoderSpec:
         """The same spec with every default filled in (what metadata should show)."""

@@ -30,6 +30,7 @@ from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from cdsr_pipeline.llm.backends.llama_engine import GenerationRequest, LlamaEngine
 from cdsr_pipeline.llm.types import Completion, CompletionRequest, ContinuationRequest
+from cdsr_pipeline.settings import setting
 from cdsr_pipeline.storage import PROCESS_FILE_HASHES, atomic_target, default_storage_root
 
 log = logging.getLogger(__name__)
@@ -49,14 +50,14 @@ class ModelNotInstalledError(RuntimeError):
 class EmbeddedConfig:
     """llama.cpp settings. The defaults suit 2 CPU cores and the 135M/270M models."""
 
-    model: str = SMOLLM2  # "smollm2" | "gemma3-270m" | path to a .gguf file
-    n_threads: int = 2
+    model: str = setting(SMOLLM2, "smollm2 | gemma3-270m | a .gguf path.")
+    n_threads: int = setting(2, "CPU threads.")
     n_ctx: int = 4096  # KV cells shared by the prefix and all live sequences
     n_batch: int = 512  # most tokens per llama_decode call
     # Sequences generated together in one llama_decode per step. Measured on 2 cores
     # (benchmarks/llm.py): batching 16 sequences makes generation compute-bound, several
     # times faster than one sequence at a time.
-    generation_batch: int = 16
+    generation_batch: int = setting(16, "Sequences generated together.")
     # Worker sequences for log-probability scoring: the continuations of several
     # items are scored in one decode call, each continuation in its own sequence.
     scoring_sequences: int = 48
@@ -64,8 +65,10 @@ class EmbeddedConfig:
     # "f16": run an F16 copy of the weights, converted once into model_dir. The shipped
     # files are 4-bit (Q4_1, Q4_K_M); dequantizing them to F16 keeps every weight's value
     # and, on AVX2 CPUs, doubles llama.cpp's batched throughput (benchmarks/llm.py).
-    # "as_shipped": the GGUF file as it is.
-    precision: str = "f16"
+    # "bf16": a BF16 copy (8 significant bits against F16's 11: whether the answers stay
+    # the same is what benchmarks/llm.py --precision f16 bf16 compares; llama.cpp has
+    # AVX-512 BF16 kernels). "as_shipped": the GGUF file as it is.
+    precision: str = setting("f16", "f16 or bf16 (converted once; faster on CPU) or as_shipped.")
 
 
 @dataclass(frozen=True)
@@ -98,22 +101,31 @@ def resolve_model(model: str, model_dir: str | os.PathLike[str] | None = None) -
     return ResolvedModel(path.stem, path.resolve(), _file_sha256(path))
 
 
-def f16_copy(model: ResolvedModel, model_dir: str | os.PathLike[str] | None = None) -> ResolvedModel:
-    """An F16 GGUF of ``model``'s weights (converted once, cached beside the source's hash)."""
+CONVERTED_PRECISIONS = {"f16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16, "bf16": llama_cpp.LLAMA_FTYPE_MOSTLY_BF16}
+"""Precisions a shipped (4-bit) model is converted to once: F16, or BF16 (llama.cpp's
+AVX-512 BF16 kernels on CPUs that have them; see benchmarks/llm.py --precision)."""
+
+
+def converted_copy(
+    model: ResolvedModel, precision: str = "f16", model_dir: str | os.PathLike[str] | None = None
+) -> ResolvedModel:
+    """A GGUF of ``model``'s weights in ``precision`` (``f16`` or ``bf16``), converted once
+    and cached beside the source's hash."""
+    label = precision.upper()
     folder = Path(model_dir) if model_dir else default_storage_root() / "cache" / "models"
-    target = folder / f"{model.name}-{model.sha256[:12]}.f16.gguf"
+    target = folder / f"{model.name}-{model.sha256[:12]}.{precision}.gguf"
     if not target.is_file():
         params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_F16
+        params.ftype = CONVERTED_PRECISIONS[precision]
         params.allow_requantize = True  # the source is already quantized: dequantize it
-        log.info("converting %s to F16 (once) -> %s", model.path, target)
+        log.info("converting %s to %s (once) -> %s", model.path, label, target)
         with atomic_target(target) as partial:
             # llama.cpp prints a line per tensor to the process's stdout: keep logs readable.
             with suppress_stdout_stderr(disable=False):
                 code = llama_cpp.llama_model_quantize(str(model.path).encode(), partial.encode(), ctypes.byref(params))
             if code != 0:
-                raise RuntimeError(f"llama.cpp could not convert {model.path} to F16 (code {code})")
-    return ResolvedModel(f"{model.name}-f16", target, _file_sha256(target))
+                raise RuntimeError(f"llama.cpp could not convert {model.path} to {label} (code {code})")
+    return ResolvedModel(f"{model.name}-{precision}", target, _file_sha256(target))
 
 
 def _package_dir(package: str, what: str) -> Path:
@@ -158,12 +170,12 @@ class EmbeddedBackend:
     def __init__(self, config: EmbeddedConfig | None = None):
         self.config = config or EmbeddedConfig()
         shipped = resolve_model(self.config.model, self.config.model_dir)
-        if self.config.precision == "f16":
-            self.model = f16_copy(shipped, self.config.model_dir)
+        if self.config.precision in CONVERTED_PRECISIONS:
+            self.model = converted_copy(shipped, self.config.precision, self.config.model_dir)
         elif self.config.precision == "as_shipped":
             self.model = shipped
         else:
-            raise ValueError(f"precision must be 'f16' or 'as_shipped', got {self.config.precision!r}")
+            raise ValueError(f"precision must be 'f16', 'bf16' or 'as_shipped', got {self.config.precision!r}")
         self.identity = {
             "backend": self.kind,
             "model": self.model.name,

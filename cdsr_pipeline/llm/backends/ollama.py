@@ -29,6 +29,7 @@ import httpx
 import ollama
 
 from cdsr_pipeline.llm.types import BackendUnavailableError, Completion, CompletionRequest
+from cdsr_pipeline.settings import setting
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +44,16 @@ class OllamaConfig:
     """Where the server is and how to talk to it."""
 
     model: str = "deepseek-r1:14b"  # the papers' model family; see the README for alternatives
-    host: str | None = None  # one URL or several, comma-separated; None: $OLLAMA_HOST, else http://127.0.0.1:11434
-    timeout_s: float = 300.0  # longest silence while waiting for (the next part of) an answer
-    max_retries: int = 4  # retries after the first attempt, on connection errors, timeouts and 5xx
+    host: str | None = setting(
+        None,
+        "Server URL, or several comma-separated (requests are spread over them); empty: $OLLAMA_HOST or 127.0.0.1:11434.",
+    )
+    timeout_s: float = setting(300.0, "Longest silence while waiting for (the next part of) an answer.")
+    max_retries: int = setting(4, "Retries after the first attempt, on connection errors, timeouts and 5xx.")
     backoff_s: float = 1.0  # delay before the first retry; doubles at each retry (at most 60 s)
-    max_concurrency: int = 4  # requests in flight at once per server (match OLLAMA_NUM_PARALLEL)
+    max_concurrency: int = setting(4, "Requests in flight at once per server (match OLLAMA_NUM_PARALLEL).")
     down_s: float = 30.0  # a server that failed a request gets no other for this long (while another is up)
-    think: bool | None = None  # None: the server's default; False turns a reasoning model's thinking off
+    think: bool | None = setting(None, "Empty: the server's default; false turns a reasoning model's thinking off.")
     num_ctx: int | None = None  # context window; None: the server's default
     keep_alive: str | None = None  # how long the server keeps the model loaded, e.g. "30m"
     raw: bool = False  # send the prompt without the model's template (base models)
