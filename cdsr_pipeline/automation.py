@@ -10,16 +10,38 @@ from __future__ import annotations
 import dagster as dg
 
 from .assets._stage import HEAVY_KINDS, HEAVY_TAG
+from .assets.llm import SHARDS
 from .assets.training import OPTIONAL_TRAINING_ASSETS
 from .data.sources import source_files
+from .llm.shards import SHARDED_STAGES
 from .resources import DatasetSource, StorageResource
 from .storage import stable_hash
 
+SHARDED_ASSETS = SHARDED_STAGES if SHARDS > 1 else ()
+"""The partitioned assets of this process's definitions (``CDSR_LLM_SHARDS`` above 1)."""
+
 full_pipeline = dg.define_asset_job(
     "cdsr_full_pipeline",
-    selection=dg.AssetSelection.all() - dg.AssetSelection.assets(*OPTIONAL_TRAINING_ASSETS),
+    selection=dg.AssetSelection.all() - dg.AssetSelection.assets(*OPTIONAL_TRAINING_ASSETS, *SHARDED_ASSETS),
     description="Every stage, from the raw source to the evaluation report, and the default models (not the "
-    "ablation tables nor the fused TEMA-LLM: select those by name). Unchanged stages reuse their artifacts.",
+    "ablation tables nor the fused TEMA-LLM: select those by name). Unchanged stages reuse their artifacts."
+    + (
+        f" The LLM stages' {SHARDS} item shards are not in it: they run in cdsr_llm_shards (one run per shard)."
+        if SHARDED_ASSETS
+        else ""
+    ),
+)
+
+llm_shards = (
+    dg.define_asset_job(
+        "cdsr_llm_shards",
+        selection=dg.AssetSelection.assets(*SHARDED_ASSETS),
+        description=f"The per-item LLM stages, one run per item shard ({SHARDS} shards, CDSR_LLM_SHARDS): a "
+        "backfill over its partitions runs the shards side by side (as many as the run queue allows), each with "
+        "its own call log; cdsr_full_pipeline then reads every shard.",
+    )
+    if SHARDED_ASSETS
+    else None
 )
 
 

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import json
 import os
@@ -152,45 +151,155 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     import dagster as dg
 
+    from .assets.llm import SHARDS
+    from .automation import SHARDED_ASSETS
     from .definitions import defs
 
-    job = defs.resolve_job_def("cdsr_full_pipeline")
+    graph = defs.resolve_asset_graph()
     selection = None
     if args.select:
-        selection = resolve_selection(args.select, defs.resolve_asset_graph())
+        selection = resolve_selection(args.select, graph)
         if isinstance(selection, str):
             print(f"error: {selection}", file=sys.stderr)
             return 2
+    if args.shard is not None and not SHARDED_ASSETS:
+        print("error: --shard needs item shards: set CDSR_LLM_SHARDS to their number (above 1)", file=sys.stderr)
+        return 2
+    phases = _run_phases(defs, graph, selection, SHARDED_ASSETS, args.shard)
+    if phases is None:
+        print(f"error: --shard {args.shard}: not one of the shards 0..{SHARDS - 1}, or the selection holds none of "
+              f"the sharded LLM stages ({', '.join(SHARDED_ASSETS)})", file=sys.stderr)
+        return 2
     started = time.perf_counter()
     # two runs starting at once on a new DAGSTER_HOME would both create its SQLite
     # schema (one of them fails): one at a time creates or opens the instance
     with ArtifactStore(storage).lock("dagster_instance", f"cdsr run opening {home}", timeout=300):
         instance = dg.DagsterInstance.get()
         instance.get_runs(limit=1)  # the run storage's schema exists from here on
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(instance)
-        if args.parallel > 1:  # steps in their own processes, loaded again from the definitions module
-            from .definitions import parallel_pipeline_job
-
-            run_config = {**_run_config(args), "execution": {"config": {"max_concurrent": args.parallel}}}
-            result = stack.enter_context(
-                dg.execute_job(
-                    dg.reconstructable(parallel_pipeline_job),
-                    instance=instance,
-                    run_config=run_config,
-                    asset_selection=selection,
-                    raise_on_error=False,
+    with instance:
+        for label, job_name, keys, shards in phases:
+            if label:
+                print(f"== {label}", flush=True)
+            if shards and args.parallel > 1:
+                ok = _run_shards_in_processes(args, keys, shards)
+            else:
+                ok = all(
+                    _execute(dg, defs, instance, args, job_name, keys, shard, storage, started) for shard in (shards or [None])
                 )
-            )
-        else:
-            result = job.execute_in_process(
-                run_config=_run_config(args),
-                instance=instance,
-                asset_selection=selection,
-                raise_on_error=False,
-            )
+            if not ok:
+                return 1
+    return 0
+
+
+def _run_phases(defs, graph, selection, sharded: tuple[str, ...], only_shard: int | None):
+    """What ``cdsr run`` executes, in order: (label, job, asset keys, partition keys).
+
+    Without item shards, one run of the selection. With them (``CDSR_LLM_SHARDS``), the
+    selected stages upstream of the sharded LLM stages, then each shard of those (one run
+    per partition), then the rest; ``--shard K`` runs the first two for shard K only.
+    None when ``--shard`` names nothing to run.
+    """
+    full = "cdsr_full_pipeline"
+    if not sharded:
+        return [(None, full, selection, None)]
+    shard_job = defs.resolve_job_def("cdsr_llm_shards")
+    shard_keys_all = set(shard_job.asset_layer.executable_asset_keys)
+    wanted = set(selection) if selection is not None else set(defs.resolve_job_def(full).asset_layer.executable_asset_keys) | shard_keys_all
+    shard_keys = sorted(wanted & shard_keys_all)
+    partitions = shard_job.partitions_def.get_partition_keys()
+    if only_shard is not None:
+        if not shard_keys or str(only_shard) not in partitions:
+            return None
+        partitions = [str(only_shard)]
+    upstream = _ancestors(graph, shard_keys)
+    rest = wanted - set(shard_keys)
+    before, after = sorted(rest & upstream), sorted(rest - upstream)
+    phases = []
+    if before:
+        phases.append(("stages upstream of the LLM shards", full, before, None))
+    if shard_keys:
+        phases.append((f"{len(partitions)} item shard(s) of {', '.join(k.path[-1] for k in shard_keys)}", "cdsr_llm_shards", shard_keys, partitions))
+    if after and only_shard is None:
+        phases.append(("the rest", full, after, None))
+    return phases
+
+
+def _ancestors(graph, keys) -> set:
+    """Every asset upstream of ``keys`` in ``graph`` (not ``keys`` themselves)."""
+    seen, todo = set(), list(keys)
+    while todo:
+        for parent in graph.get(todo.pop()).parent_keys:
+            if parent not in seen:
+                seen.add(parent)
+                todo.append(parent)
+    return seen
+
+
+def _job_run_config(args: argparse.Namespace, job, sharded: tuple[str, ...]) -> dict:
+    """The run config of ``args`` for ``job``: with item shards, the op config of the
+    sharded stages goes to the shard job only, and only theirs to it (Dagster refuses
+    config for ops a job does not hold)."""
+    config = _run_config(args)
+    ops = config.get("ops")
+    if ops and sharded:
+        keep = (lambda name: name in sharded) if job.name == "cdsr_llm_shards" else (lambda name: name not in sharded)
+        config = {**config, "ops": {name: value for name, value in ops.items() if keep(name)}}
+    return config
+
+
+def _execute(dg, defs, instance, args, job_name: str, keys, shard: str | None, storage: Path, started: float) -> bool:
+    """One Dagster run of ``keys`` (of one shard when ``shard``), reported as it ends."""
+    from .automation import SHARDED_ASSETS
+
+    job = defs.resolve_job_def(job_name)
+    if args.parallel > 1 and job_name == "cdsr_full_pipeline":  # steps in their own processes, loaded again from the definitions module
+        from .definitions import parallel_pipeline_job
+
+        run_config = {**_job_run_config(args, job, SHARDED_ASSETS), "execution": {"config": {"max_concurrent": args.parallel}}}
+        with dg.execute_job(
+            dg.reconstructable(parallel_pipeline_job), instance=instance, run_config=run_config,
+            asset_selection=keys, raise_on_error=False,
+        ) as result:
+            return _report_run(result, storage, started)
+    result = job.execute_in_process(
+        run_config=_job_run_config(args, job, SHARDED_ASSETS), instance=instance, asset_selection=keys,
+        partition_key=shard, raise_on_error=False,
+    )
+    return _report_run(result, storage, started, shard)
+
+
+def _run_shards_in_processes(args: argparse.Namespace, keys, shards: list[str]) -> bool:
+    """Each shard in its own ``cdsr run --shard K`` process, ``--parallel`` at a time."""
+    import subprocess
+
+    base = [sys.executable, "-m", "cdsr_pipeline.cli", "run", "--select", ",".join(k.path[-1] for k in keys)]
+    for flag in ("config", "source_format", "source_path", "items_path", "storage"):
+        if getattr(args, flag):
+            base += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    if args.domains:
+        base += ["--domains", ",".join(args.domains)]
+    pending, running, failed = list(shards), [], []
+    while pending or running:
+        while pending and len(running) < args.parallel:
+            shard = pending.pop(0)
+            print(f"shard {shard}: started (its own process)", flush=True)
+            running.append((shard, subprocess.Popen([*base, "--shard", shard])))
+        time.sleep(0.5)
+        for shard, process in list(running):
+            if process.poll() is not None:
+                running.remove((shard, process))
+                if process.returncode != 0:
+                    failed.append(shard)
+    if failed:
+        print(f"error: shard(s) {', '.join(failed)} failed (see above); rerun them with --shard K", file=sys.stderr)
+    return not failed
+
+
+def _report_run(result, storage: Path, started: float, shard: str | None = None) -> bool:
+    """Print a run's outcome: each asset built or reused, each check, the errors."""
     print()
-    print(f"run {result.run_id} {'succeeded' if result.success else 'FAILED'} in {time.perf_counter() - started:.1f}s")
+    where = f" (shard {shard})" if shard is not None else ""
+    print(f"run {result.run_id}{where} {'succeeded' if result.success else 'FAILED'} in {time.perf_counter() - started:.1f}s")
     for event in result.get_asset_materialization_events():
         meta = event.materialization.metadata
         reused = meta.get("reused")
@@ -212,8 +321,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 print(f"error in {event.step_key}: {message}", file=sys.stderr)
         if disk_full:
             print(f"error: {disk_full_message(storage)}", file=sys.stderr)
-        return 1
-    return 0
+        return False
+    return True
 
 
 def _root_cause(error) -> str:
@@ -348,6 +457,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--parallel", type=int, default=1, metavar="N",
         help="run up to N independent stages side by side, each in its own process (the job cdsr_parallel_pipeline; "
         "at most one LLM, one encoder and one training stage at a time); default 1: one stage at a time, in process",
+    )
+    run.add_argument(
+        "--shard", type=int, metavar="K",
+        help="with item shards (CDSR_LLM_SHARDS=N): run only shard K of the sharded LLM stages in the selection "
+        "(and what they need upstream), e.g. one shard per process or host; --parallel N runs N shards side by side",
     )
     run.set_defaults(func=cmd_run)
 

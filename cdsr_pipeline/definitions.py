@@ -5,7 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from .assets import features, ingest, llm, training
-from .automation import full_pipeline, nightly_rerun, parallel_pipeline, raw_source_changed
+from .automation import full_pipeline, llm_shards, nightly_rerun, parallel_pipeline, raw_source_changed
 from .resources import (
     DatasetSource,
     ImageEncoderResource,
@@ -19,7 +19,7 @@ stage_modules = [ingest, features, llm, training]
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules(stage_modules),
     asset_checks=dg.load_asset_checks_from_modules(stage_modules),
-    jobs=[full_pipeline, parallel_pipeline],
+    jobs=[full_pipeline, parallel_pipeline, *([llm_shards] if llm_shards is not None else [])],
     sensors=[raw_source_changed],
     schedules=[nightly_rerun],
     resources={

@@ -101,7 +101,8 @@ RESOURCE_FINGERPRINTS = {
 }
 
 
-def test_the_resources_take_their_fields_from_the_library_and_keep_their_fingerprints(tmp_path) -> None:
+def test_the_resources_take_their_fields_from_the_library_and_keep_their_fingerprints(tmp_path, monkeypatch) -> None:
+    from cdsr_pipeline import hardware
     from cdsr_pipeline.features.encoders import EncoderSpec
     from cdsr_pipeline.llm import EmbeddedConfig, OllamaConfig
     from cdsr_pipeline.resources import ImageEncoderResource, LLMResource, TextEncoderResource
@@ -120,6 +121,9 @@ def test_the_resources_take_their_fields_from_the_library_and_keep_their_fingerp
     assert (ollama.ollama.host, ollama.ollama.max_concurrency, ollama.ollama.model) == ("http://a:1", 2, OllamaConfig.model)
 
     store = ArtifactStore(tmp_path)
+    # a bf16 encoder is refused where the CPU has no native bf16 (AVX2-only machines):
+    # its fingerprint is a property of the config, pinned on any CPU
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: True)
     fingerprints = {
         "text encoder": TextEncoderResource().fingerprint(store),
         "image encoder": ImageEncoderResource().fingerprint(store),

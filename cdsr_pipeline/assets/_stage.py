@@ -17,7 +17,8 @@ from typing import Any
 
 import dagster as dg
 
-from ..storage import ArtifactStore, Manifest, input_fingerprint
+from ..llm.shards import artifact_names, configured_shards
+from ..storage import ArtifactStore, Manifest, MissingArtifactError, input_fingerprint
 
 
 HEAVY_TAG = "cdsr/heavy"
@@ -42,14 +43,15 @@ class DeclaredInputs:
     stage reads is what its fingerprint (the data versions of its deps) covers.
     """
 
-    def __init__(self, store: ArtifactStore, declared: list[str], reader: str):
+    def __init__(self, store: ArtifactStore, declared: list[str], reader: str, shards: int = 1):
         self.store = store
         self.declared = frozenset(declared)
         self.reader = reader
+        self.shards = shards
 
     @classmethod
     def of(cls, context: dg.AssetExecutionContext, store: ArtifactStore) -> DeclaredInputs:
-        return cls(store, upstream_names(context), context.asset_key.path[-1])
+        return cls(store, upstream_names(context), context.asset_key.path[-1], configured_shards())
 
     def _allowed(self, asset: str) -> None:
         if asset not in self.declared:
@@ -58,12 +60,19 @@ class DeclaredInputs:
             )
 
     def manifest(self, asset: str) -> Manifest:
+        """The manifest of ``asset`` (of its first shard when it is sharded: the shards
+        share their config and LLM)."""
         self._allowed(asset)
-        return self.store.require(asset)
+        return self.store.require(artifact_names(asset, self.shards)[0])
 
     def path(self, asset: str, name: str) -> Path:
+        (path,) = self.paths(asset, name)
+        return path
+
+    def paths(self, asset: str, name: str) -> list[Path]:
+        """The file ``name`` of ``asset``: one path, or one per shard of a sharded asset."""
         self._allowed(asset)
-        return self.store.path(asset, name)
+        return [self.store.path(artifact, name) for artifact in artifact_names(asset, self.shards)]
 
     def asset_dir(self, asset: str) -> Path:
         self._allowed(asset)
@@ -85,6 +94,22 @@ def to_dagster_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
     return converted
 
 
+def upstream_versions(store: ArtifactStore, names: list[str], shards: int) -> dict[str, str]:
+    """The data versions of the artifacts of ``names`` (each shard of a sharded one)."""
+    versions = {}
+    for name in names:
+        artifacts = artifact_names(name, shards)
+        for shard, artifact in enumerate(artifacts):
+            if len(artifacts) > 1 and store.read_manifest(artifact) is None:
+                raise MissingArtifactError(
+                    f"shard {shard} of {shards} of '{name}' has no output under {store.asset_dir(artifact)}; "
+                    f"materialize its shards first (CDSR_LLM_SHARDS={shards} cdsr run --select {name}; "
+                    f"one shard: --shard {shard})"
+                )
+            versions[artifact] = store.require(artifact).data_version
+    return versions
+
+
 def run_stage(
     context: dg.AssetExecutionContext,
     store: ArtifactStore,
@@ -94,6 +119,7 @@ def run_stage(
     extra_inputs: Mapping[str, str] | None = None,
     inputs: Mapping[str, str] | None = None,
     markdown: Callable[[Mapping[str, Any]], str] | None = None,
+    artifact: str | None = None,
 ) -> dg.MaterializeResult:
     """Materialize the current asset through the artifact store.
 
@@ -101,12 +127,13 @@ def run_stage(
     metadata. ``extra_inputs`` are identities that are not upstream assets (input
     file hashes, model identities). ``inputs`` replaces the data versions of the
     deps for an asset whose deps are optional (the report: whichever models exist).
-    ``markdown`` renders a summary from the metadata.
+    ``markdown`` renders a summary from the metadata. ``artifact`` is the store folder
+    when it is not the asset's name (one shard of a sharded asset).
     """
-    asset = context.asset_key.path[-1]
+    asset = artifact or context.asset_key.path[-1]
     code_version = context.assets_def.code_versions_by_key[context.asset_key] or "0"
     if inputs is None:
-        inputs = {name: store.require(name).data_version for name in upstream_names(context)}
+        inputs = upstream_versions(store, upstream_names(context), configured_shards())
     inputs = dict(inputs)
     inputs.update(extra_inputs or {})
     config = dict(config or {})

@@ -76,6 +76,8 @@ class AssetFiles(Protocol):
 
     def path(self, asset: str, name: str) -> Path: ...
 
+    def paths(self, asset: str, name: str) -> list[Path]: ...
+
     def manifest(self, asset: str) -> Manifest: ...
 
 
@@ -84,12 +86,19 @@ class ArtifactContractError(RuntimeError):
 
 
 def _read(files: AssetFiles, asset: str, name: str, schema: pa.Schema) -> pa.Table:
-    path = files.path(asset, name)
-    table = pq.read_table(path)
-    missing = [field.name for field in schema if field.name not in table.schema.names]
-    if missing:
-        raise ArtifactContractError(f"{path}: no column(s) {', '.join(missing)}, which the artifact contract of {asset} names")
-    return table
+    """The file ``name`` of ``asset``; of a sharded asset, its shards' files together."""
+    tables = []
+    for path in files.paths(asset, name):
+        table = pq.read_table(path)
+        missing = [field.name for field in schema if field.name not in table.schema.names]
+        if missing:
+            raise ArtifactContractError(f"{path}: no column(s) {', '.join(missing)}, which the artifact contract of {asset} names")
+        tables.append(table)
+    if len(tables) == 1:
+        return tables[0]
+    # shards hold items: their union in item order (a stable sort keeps each item's rows
+    # in their order) is the file one unsharded stage writes
+    return pa.concat_tables(tables).sort_by("item_id")
 
 
 def read_items(files: AssetFiles) -> pa.Table:

@@ -3,7 +3,10 @@
 Every LLM call goes through the call log (``storage/cache/llm_calls.duckdb``): an asset
 that reruns asks only what was never answered, and an interrupted run resumes. The
 assets run one at a time (the definitions use the in-process executor): on a small
-machine two LLM stages side by side only fight for the same cores.
+machine two LLM stages side by side only fight for the same cores. For a large
+catalogue, ``CDSR_LLM_SHARDS=N`` partitions the per-item stages (augmentation, tag
+scores) into N item shards that run side by side, each with its own call log
+(``llm.shards``, ``llm.session``); the assets downstream read every shard.
 """
 
 from pathlib import Path
@@ -24,10 +27,11 @@ from ..llm import (
     llm_session,
     score_item_tags,
 )
+from ..llm.shards import artifact_names, configured_shards, items_of_shard, shard_artifact
 from ..resources import LLMResource, StorageResource, TextEncoderResource
-from ..storage import ArtifactStore, write_parquet_atomic
+from ..storage import ArtifactStore, stable_hash, write_parquet_atomic
 from ._config import dagster_config
-from ._stage import HEAVY_TAG, DeclaredInputs, run_stage
+from ._stage import HEAVY_TAG, DeclaredInputs, run_stage, upstream_names, upstream_versions
 from .artifacts import (
     AUGMENTED_FILE,
     DOMAIN_TAGS_FILE,
@@ -43,10 +47,37 @@ from .artifacts import (
 )
 
 
-def _llm_session(store: ArtifactStore, llm: LLMResource, context: dg.AssetExecutionContext):
-    # an LLM stage of another run waits for this one (one writer per call log)
-    holder = f"{context.asset_key.path[-1]} in Dagster run {context.run_id}"
-    return llm_session(store, llm.llm_config(store), holder, on_wait=context.log.warning)
+SHARDS = configured_shards()
+"""Item shards of the per-item LLM stages (``CDSR_LLM_SHARDS``, read when the definitions
+load; ``llm.shards``): above 1, ``llm_augmented_text`` and ``item_tag_scores`` are
+partitioned, one partition per shard."""
+SHARD_PARTITIONS = dg.StaticPartitionsDefinition([str(k) for k in range(SHARDS)]) if SHARDS > 1 else None
+
+
+def _shard(context: dg.AssetExecutionContext) -> int | None:
+    """The shard this run of a per-item LLM stage builds (None: not sharded)."""
+    return int(context.partition_key) if SHARDS > 1 else None
+
+
+def _llm_session(store: ArtifactStore, llm: LLMResource, context: dg.AssetExecutionContext, shard: int | None = None):
+    # an LLM stage of another run waits for this one (one writer per call log; a shard
+    # writes its own, so shards run side by side)
+    where = "" if shard is None else f" shard {shard} of {SHARDS}"
+    holder = f"{context.asset_key.path[-1]}{where} in Dagster run {context.run_id}"
+    return llm_session(store, llm.llm_config(store), holder, on_wait=context.log.warning, shard=shard)
+
+
+def _stage_items(context: dg.AssetExecutionContext, store: ArtifactStore, inputs: DeclaredInputs, shard: int | None):
+    """The items a per-item LLM stage asks about, its artifact and its upstream versions:
+    every item, or one shard's items, fingerprinted by their content instead of the whole
+    ``cdsr_sequences`` (so a shard whose items did not change is reused)."""
+    items = read_items(inputs)
+    if shard is None:
+        return items, None, None
+    items = items_of_shard(items, shard, SHARDS)
+    versions = upstream_versions(store, [n for n in upstream_names(context) if n != "cdsr_sequences"], SHARDS)
+    versions[f"cdsr_sequences items of shard {shard} of {SHARDS}"] = stable_hash(items.to_pydict())
+    return items, shard_artifact(context.asset_key.path[-1], shard, SHARDS), versions
 
 
 class LLMFailureLimit(dg.Config):
@@ -54,16 +85,20 @@ class LLMFailureLimit(dg.Config):
 
 
 def _failure_check(store: ArtifactStore, asset: str, limit: float) -> dg.AssetCheckResult:
-    meta = store.require(asset).metadata
-    share = meta.get("failure_share", 0.0)
+    # of a sharded asset: over the shards built so far
+    manifests = [store.read_manifest(name) for name in artifact_names(asset, SHARDS)]
+    metas = [manifest.metadata for manifest in manifests if manifest is not None] or [store.require(asset).metadata]
+    failed, calls = sum(meta.get("failed", 0) for meta in metas), sum(meta.get("calls", 0) for meta in metas)
+    share = failed / calls if calls else 0.0
     return dg.AssetCheckResult(
         passed=share <= limit,
         metadata={
             "failure_share": share,
             "limit": limit,
-            "failed": meta.get("failed", 0),
-            "calls": meta.get("calls", 0),
-            "sample_failures": dg.MetadataValue.json(meta.get("failures", [])[:5]),
+            "failed": failed,
+            "calls": calls,
+            "shards_built": f"{len(metas)} of {SHARDS}" if SHARDS > 1 else "-",
+            "sample_failures": dg.MetadataValue.json([f for meta in metas for f in meta.get("failures", [])][:5]),
         },
     )
 
@@ -82,6 +117,7 @@ AugmentationSettings = dagster_config(
     group_name="llm",
     code_version="1",
     kinds={"ollama", "duckdb", "parquet"},
+    partitions_def=SHARD_PARTITIONS,
     description="LLM-EMF: LLM-generated contextual text per item (status ok / failed / no_title).",
 )
 def llm_augmented_text(
@@ -89,14 +125,19 @@ def llm_augmented_text(
 ) -> dg.MaterializeResult:
     store = storage.store()
     inputs = DeclaredInputs.of(context, store)
+    shard = _shard(context)
+    items, artifact, versions = _stage_items(context, store, inputs, shard)
 
     def build(folder: Path):
-        with _llm_session(store, llm, context) as (backend, call_log):
-            result = augment_items(read_items(inputs), backend, call_log, AugmentationConfig(**config.model_dump()))
+        with _llm_session(store, llm, context, shard) as (backend, call_log):
+            result = augment_items(items, backend, call_log, AugmentationConfig(**config.model_dump()))
         write_parquet_atomic(result.table, folder / AUGMENTED_FILE)
         return result.metadata() | {"llm": dict(backend.identity)}
 
-    return run_stage(context, store, build=build, config=config.model_dump(), extra_inputs={"llm": llm.fingerprint(store)})
+    return run_stage(
+        context, store, build=build, config=config.model_dump(), extra_inputs={"llm": llm.fingerprint(store)},
+        inputs=versions, artifact=artifact,
+    )
 
 
 @dg.asset_check(asset=llm_augmented_text, description="Share of failed augmentation answers stays under a limit.")
@@ -184,6 +225,7 @@ TagScoringSettings = dagster_config(
     group_name="llm",
     code_version="1",
     kinds={"ollama", "duckdb", "parquet"},
+    partitions_def=SHARD_PARTITIONS,
     description="LLM relevance 1..100 of each item's candidate tags (tags of its own domain).",
 )
 def item_tag_scores(
@@ -195,6 +237,8 @@ def item_tag_scores(
 ) -> dg.MaterializeResult:
     store = storage.store()
     inputs = DeclaredInputs.of(context, store)
+    shard = _shard(context)
+    items, artifact, versions = _stage_items(context, store, inputs, shard)
     extra = {"llm": llm.fingerprint(store)}
     if config.candidates:
         extra["text_encoder"] = text_encoder.fingerprint(store)
@@ -206,14 +250,14 @@ def item_tag_scores(
             if config.candidates
             else None
         )
-        with _llm_session(store, llm, context) as (backend, call_log):
+        with _llm_session(store, llm, context, shard) as (backend, call_log):
             result = score_item_tags(
-                read_items(inputs), domain_tags, vocabulary, backend, call_log, TagScoringConfig(**config.model_dump()), encoder
+                items, domain_tags, vocabulary, backend, call_log, TagScoringConfig(**config.model_dump()), encoder
             )
         write_parquet_atomic(result.table, folder / SCORES_FILE)
         return result.metadata() | {"llm": dict(backend.identity)}
 
-    return run_stage(context, store, build=build, config=config.model_dump(), extra_inputs=extra)
+    return run_stage(context, store, build=build, config=config.model_dump(), extra_inputs=extra, inputs=versions, artifact=artifact)
 
 
 @dg.asset_check(asset=item_tag_scores, description="Share of failed scoring answers stays under a limit.")

@@ -18,6 +18,7 @@ DuckDB allows one writing process per file; a second run gets :class:`CallLogLoc
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -170,11 +171,14 @@ class CallLog:
         self.close()
 
     def lookup(self, keys: Sequence[str]) -> dict[str, CallRecord]:
+        return self._lookup(keys, CALLS_TABLE)
+
+    def _lookup(self, keys: Sequence[str], table: str) -> dict[str, CallRecord]:
         if not keys:
             return {}
         rows = self._con.execute(
             f"SELECT key, item_key, status, parsed, raw_answer, error, attempts, latency_s "
-            f"FROM {CALLS_TABLE} WHERE key IN (SELECT unnest(?))",
+            f"FROM {table} WHERE key IN (SELECT unnest(?))",
             [list(keys)],
         ).fetchall()
         return {
@@ -225,6 +229,26 @@ class CallLog:
             for view in ("_new_prefixes", "_new_calls"):
                 self._con.unregister(view)
 
+    def absorb(self, other: str | os.PathLike[str]) -> int:
+        """Copy every call and prompt prefix of the log file ``other`` into this log, in one
+        transaction; a key this log already holds keeps its row. Returns the calls added.
+        ``other`` must not be open in another process (its writer's lock held by the caller)."""
+        before = self.count()
+        self._con.execute(f"ATTACH '{_sql_path(other)}' AS absorbed (READ_ONLY)")
+        names = ", ".join(_COLUMNS)
+        try:
+            self._con.execute("BEGIN TRANSACTION")
+            try:
+                self._con.execute(f"INSERT OR IGNORE INTO {PREFIXES_TABLE} SELECT prefix_hash, prefix FROM absorbed.{PREFIXES_TABLE}")
+                self._con.execute(f"INSERT OR IGNORE INTO {CALLS_TABLE} ({names}) SELECT {names} FROM absorbed.{CALLS_TABLE}")
+                self._con.execute("COMMIT")
+            except BaseException:
+                self._con.execute("ROLLBACK")
+                raise
+        finally:
+            self._con.execute("DETACH absorbed")
+        return self.count() - before
+
     def count(self, stage: str | None = None, status: str | None = None) -> int:
         query = f"SELECT count(*) FROM {CALLS_TABLE} WHERE (? IS NULL OR stage = ?) AND (? IS NULL OR status = ?)"
         return self._con.execute(query, [stage, stage, status, status]).fetchone()[0]
@@ -234,6 +258,40 @@ class CallLog:
         removed = self.count(stage, "failed")
         self._con.execute(f"DELETE FROM {CALLS_TABLE} WHERE stage = ? AND status = 'failed'", [stage])
         return removed
+
+
+def _sql_path(path: str | os.PathLike[str]) -> str:
+    """A file path as a DuckDB string literal's content (ATTACH takes no parameters)."""
+    return str(path).replace("'", "''")
+
+
+class ShardCallLog(CallLog):
+    """The call log of one item shard of an LLM stage: its own file (one writer per shard,
+    so shards run side by side), whose lookups also read the storage's shared log
+    (``shared``, opened read-only while ``shared_lock()`` holds that log's lock: answers
+    recorded or imported there are served, never asked again)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        shared: str | os.PathLike[str],
+        shared_lock: Callable[[], contextlib.AbstractContextManager],
+    ):
+        super().__init__(path)
+        self.shared = Path(shared)
+        self._shared_lock = shared_lock
+
+    def lookup(self, keys: Sequence[str]) -> dict[str, CallRecord]:
+        found = super().lookup(keys)
+        missing = [key for key in keys if key not in found]
+        if missing and self.shared.exists():
+            with self._shared_lock():
+                self._con.execute(f"ATTACH '{_sql_path(self.shared)}' AS shared (READ_ONLY)")
+                try:
+                    found |= self._lookup(missing, f"shared.{CALLS_TABLE}")
+                finally:
+                    self._con.execute("DETACH shared")
+        return found
 
 
 # -- asking what is missing ------------------------------------------------------------
