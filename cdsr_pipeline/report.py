@@ -271,14 +271,30 @@ RUN_FIELDS = (
 )
 
 
+CURVE_COLUMNS = ("epoch", "train_loss") + tuple(
+    metric_column("valid", protocol, key, "mrr") for protocol in ("sampled", "full") for key in DOMAIN_KEYS
+)
+"""Per epoch, in ``metrics.json``: what the learning curves plot, as numbers, so that runs on
+other machines or precisions can be compared epoch by epoch from the published file alone."""
+
+
+def _curve(result: TrainResult) -> dict[str, list]:
+    if not result.metrics.get("epochs_run"):
+        return {}
+    epochs = result.epochs()
+    return {column: epochs[column].to_list() for column in CURVE_COLUMNS if column in epochs.columns}
+
+
 def metrics_summary(results: Sequence[TrainResult], stats: dict, missing: Sequence[str] = ()) -> dict:
-    """Every run's metrics (both protocols, both reporting rules), epochs, timing,
-    hardware and exact config, with the dataset they share: the report's ``metrics.json``."""
+    """Every run's metrics (both protocols, both reporting rules), epochs and its per-epoch
+    curve, timing, hardware and exact config, with the dataset they share: the report's
+    ``metrics.json``."""
     runs = []
     for r in results:
         entry = {key: r.metrics.get(key) for key in RUN_FIELDS}
         entry["data"] = {k: v for k, v in (entry["data"] or {}).items() if k != "stats"}
         entry["config"] = config_to_dict(r.config)
+        entry["curve"] = _curve(r)
         runs.append(entry)
     return {
         "dataset": results[0].metrics["dataset"],

@@ -2,6 +2,7 @@
 checkpoints, report."""
 
 import dataclasses
+import json
 import platform
 import statistics
 
@@ -148,6 +149,12 @@ def test_report_labels_the_papers_numbers_and_draws_curves(runs, tmp_path):
     assert [p.name for p in paths.figures] == ["curves_tema-llm.png"]
     assert all(p.stat().st_size > 1000 for p in paths.figures)
     assert "curves_tema-llm.png" in paths.html.read_text()
+    # metrics.json holds the curves as numbers: every epoch's loss and validation MRRs
+    published = {run["name"]: run for run in json.loads((tmp_path / "report" / "metrics.json").read_text())["runs"]}
+    curve, epochs = published[runs["tema"].name]["curve"], runs["tema"].epochs()
+    assert curve["epoch"] == epochs["epoch"].to_list() and curve["train_loss"] == epochs["train_loss"].to_list()
+    assert curve["valid_full_B_mrr"] == epochs["valid_full_B_mrr"].to_list()
+    assert published[runs["popularity"].name]["curve"] == {}
 
 
 def test_papers_numbers_are_found_by_domain_words():
