@@ -59,6 +59,28 @@ def test_two_processes_train_the_epochs_of_one_within_tolerance(dataset, tmp_pat
     assert more.epochs().head(3)["valid_sampled_mean_mrr"].to_list() == b["valid_sampled_mean_mrr"].to_list()
 
 
+def test_two_processes_on_the_demo_data_give_the_validation_metrics_of_one(demo_copy, tmp_path):
+    import dagster as dg
+
+    from cdsr_pipeline.assets.ingest import cdsr_sequences, raw_interactions
+    from cdsr_pipeline.model import FeatureInputs
+    from cdsr_pipeline.resources import DatasetSource, StorageResource
+    from cdsr_pipeline.storage import ArtifactStore
+
+    storage = tmp_path / "storage"
+    resources = {"storage": StorageResource(root=str(storage)), "source": DatasetSource(format="llmcdsr", path=str(demo_copy))}
+    assert dg.materialize([raw_interactions, cdsr_sequences], resources=resources).success
+    sequences = ArtifactStore(storage).asset_dir("cdsr_sequences")
+    config = _config(epochs=2, num_negatives=99)
+    one = train_model(sequences, FeatureInputs(), config, tmp_path / "one")
+    two = train_model(sequences, FeatureInputs(), dataclasses.replace(config, processes=2), tmp_path / "two")
+    a, b = one.epochs(), two.epochs()
+    assert a["train_examples"].to_list() == b["train_examples"].to_list()
+    for column in ("valid_sampled_mean_mrr", "valid_full_mean_mrr"):
+        for x, y in zip(a[column].to_list(), b[column].to_list()):
+            assert abs(x - y) <= 1e-3, (column, a[column].to_list(), b[column].to_list())
+
+
 def _children(pid: int) -> list[int]:
     """The processes whose parent is ``pid`` (from /proc: field 4 of /proc/<pid>/stat)."""
     children = []
