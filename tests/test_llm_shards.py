@@ -154,3 +154,38 @@ def test_a_sharded_run_side_by_side_gives_the_unsharded_artifacts_and_a_rerun_as
     assert states and all(state == "(unchanged)" for state in states), again  # every stage and shard reused
     with duckdb.connect(str(call_log_path(store)), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM llm_calls").fetchone()[0] == len(recorded_calls(tmp_path / "one"))
+
+
+def test_shards_built_from_other_items_are_refused_downstream(tmp_path):
+    from cdsr_pipeline.assets._stage import DeclaredInputs
+    from cdsr_pipeline.assets.llm import StaleShardError, _shard_items_input, require_current_shards
+    from cdsr_pipeline.data.schema import ITEMS
+    from cdsr_pipeline.storage import stable_hash
+
+    store = ArtifactStore(tmp_path)
+
+    def commit(asset: str, files: dict[str, pa.Table], inputs: dict[str, str]) -> None:
+        with store.staging(asset) as folder:
+            for name, table in files.items():
+                pq.write_table(table, folder / name)
+            store.commit(asset, folder, code_version="1", fingerprint=asset, inputs=inputs, config={}, metadata={})
+
+    def items_table(n: int) -> pa.Table:
+        return pa.table(
+            {"item_id": list(range(n)), "domain": ["A"] * n, "domain_name": ["Food"] * n,
+             "source_id": [f"B{i:09d}" for i in range(n)], "title": ["tea"] * n, "description": [None] * n,
+             "image_ref": [None] * n},
+            schema=ITEMS,
+        )
+
+    commit("cdsr_sequences", {"items.parquet": items_table(40)}, {})
+    for shard in range(2):
+        part = items_of_shard(items_table(40), shard, 2)
+        commit(f"llm_augmented_text.shard-{shard}-of-2", {}, {_shard_items_input(shard, 2): stable_hash(part.to_pydict())})
+    inputs = DeclaredInputs(store, ["cdsr_sequences", "llm_augmented_text"], "item_llm_text_embeddings", shards=2)
+    require_current_shards(inputs, "llm_augmented_text")  # built from the items there are
+    commit("cdsr_sequences", {"items.parquet": items_table(41)}, {})  # a new item (a scheduled rerun of the rest)
+    with pytest.raises(StaleShardError, match=r"shard \d of 2 of 'llm_augmented_text' was built from other items"):
+        require_current_shards(inputs, "llm_augmented_text")
+    unsharded = DeclaredInputs(store, ["cdsr_sequences", "llm_augmented_text"], "item_llm_text_embeddings")
+    require_current_shards(unsharded, "llm_augmented_text")  # nothing to check without shards

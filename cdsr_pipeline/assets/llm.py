@@ -76,8 +76,36 @@ def _stage_items(context: dg.AssetExecutionContext, store: ArtifactStore, inputs
         return items, None, None
     items = items_of_shard(items, shard, SHARDS)
     versions = upstream_versions(store, [n for n in upstream_names(context) if n != "cdsr_sequences"], SHARDS)
-    versions[f"cdsr_sequences items of shard {shard} of {SHARDS}"] = stable_hash(items.to_pydict())
+    versions[_shard_items_input(shard, SHARDS)] = stable_hash(items.to_pydict())
     return items, shard_artifact(context.asset_key.path[-1], shard, SHARDS), versions
+
+
+def _shard_items_input(shard: int, shards: int) -> str:
+    """The input of a shard's fingerprint that stands for the items it asks about."""
+    return f"cdsr_sequences items of shard {shard} of {shards}"
+
+
+class StaleShardError(RuntimeError):
+    """A shard was built from other items than ``cdsr_sequences`` holds now."""
+
+
+def require_current_shards(inputs: DeclaredInputs, asset: str) -> None:
+    """Refuse the shards of ``asset`` when one was built from other items than
+    ``cdsr_sequences`` holds now: a run of the other stages (a scheduled rerun of
+    cdsr_full_pipeline) does not rerun the shards, and their union would then leave
+    new items out."""
+    if inputs.shards == 1:
+        return
+    items = read_items(inputs)
+    for shard, name in enumerate(artifact_names(asset, inputs.shards)):
+        key = _shard_items_input(shard, inputs.shards)
+        built_from = inputs.store.require(name).inputs.get(key)
+        if built_from != stable_hash(items_of_shard(items, shard, inputs.shards).to_pydict()):
+            raise StaleShardError(
+                f"shard {shard} of {inputs.shards} of '{asset}' was built from other items than cdsr_sequences holds now; "
+                f"rerun the shards first (CDSR_LLM_SHARDS={inputs.shards} cdsr run --select {asset}, or a backfill of "
+                "cdsr_llm_shards)"
+            )
 
 
 class LLMFailureLimit(dg.Config):
@@ -160,6 +188,7 @@ def item_llm_text_embeddings(
     inputs = DeclaredInputs.of(context, store)
 
     def build(folder: Path):
+        require_current_shards(inputs, "llm_augmented_text")
         augmented = read_augmented_text(inputs)
         encoder = load_text_encoder(text_encoder.spec())
         table, stats = encode_texts_by_item(
@@ -283,6 +312,7 @@ def item_tag_matrix(context: dg.AssetExecutionContext, config: TagMatrixSettings
     inputs = DeclaredInputs.of(context, store)
 
     def build(folder: Path):
+        require_current_shards(inputs, "item_tag_scores")
         matrices, metadata = all_tag_matrices(
             read_tag_scores(inputs),
             read_items(inputs),

@@ -212,19 +212,15 @@ class CallLog:
             schema=LOG_ARROW_SCHEMA,
         )
         names = ", ".join(_COLUMNS)
-        self._con.execute("BEGIN TRANSACTION")
         try:
-            if prefixes:
-                new_prefixes = pa.table({"prefix_hash": list(prefixes), "prefix": list(prefixes.values())})
-                self._con.register("_new_prefixes", new_prefixes)
-                self._con.execute(f"INSERT OR IGNORE INTO {PREFIXES_TABLE} SELECT prefix_hash, prefix FROM _new_prefixes")
-            self._con.register("_new_calls", calls)
-            # NOT NULL columns are checked by DuckDB
-            self._con.execute(f"INSERT OR REPLACE INTO {CALLS_TABLE} ({names}) SELECT {names} FROM _new_calls")
-            self._con.execute("COMMIT")
-        except BaseException:
-            self._con.execute("ROLLBACK")
-            raise
+            with self._transaction():
+                if prefixes:
+                    new_prefixes = pa.table({"prefix_hash": list(prefixes), "prefix": list(prefixes.values())})
+                    self._con.register("_new_prefixes", new_prefixes)
+                    self._con.execute(f"INSERT OR IGNORE INTO {PREFIXES_TABLE} SELECT prefix_hash, prefix FROM _new_prefixes")
+                self._con.register("_new_calls", calls)
+                # NOT NULL columns are checked by DuckDB
+                self._con.execute(f"INSERT OR REPLACE INTO {CALLS_TABLE} ({names}) SELECT {names} FROM _new_calls")
         finally:
             for view in ("_new_prefixes", "_new_calls"):
                 self._con.unregister(view)
@@ -237,17 +233,23 @@ class CallLog:
         self._con.execute(f"ATTACH '{_sql_path(other)}' AS absorbed (READ_ONLY)")
         names = ", ".join(_COLUMNS)
         try:
-            self._con.execute("BEGIN TRANSACTION")
-            try:
+            with self._transaction():
                 self._con.execute(f"INSERT OR IGNORE INTO {PREFIXES_TABLE} SELECT prefix_hash, prefix FROM absorbed.{PREFIXES_TABLE}")
                 self._con.execute(f"INSERT OR IGNORE INTO {CALLS_TABLE} ({names}) SELECT {names} FROM absorbed.{CALLS_TABLE}")
-                self._con.execute("COMMIT")
-            except BaseException:
-                self._con.execute("ROLLBACK")
-                raise
         finally:
             self._con.execute("DETACH absorbed")
         return self.count() - before
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One transaction for the block: committed at its end, rolled back if it raises."""
+        self._con.execute("BEGIN TRANSACTION")
+        try:
+            yield
+        except BaseException:
+            self._con.execute("ROLLBACK")
+            raise
+        self._con.execute("COMMIT")
 
     def count(self, stage: str | None = None, status: str | None = None) -> int:
         query = f"SELECT count(*) FROM {CALLS_TABLE} WHERE (? IS NULL OR stage = ?) AND (? IS NULL OR status = ?)"
