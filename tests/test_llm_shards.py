@@ -47,9 +47,12 @@ def test_shards_are_stable_disjoint_and_cover_every_item():
 
 @pytest.mark.parametrize("value", ["0", "two", "-3", "5000"])
 def test_a_bad_shard_count_is_one_clear_error(monkeypatch, value):
+    from cdsr_pipeline.errors import UserInputError
+
     monkeypatch.setenv(SHARDS_ENV, value)
     with pytest.raises(ShardConfigError, match=f"{SHARDS_ENV}='{value}'"):
         configured_shards()
+    assert issubclass(ShardConfigError, UserInputError)  # cdsr prints it as one line, exit code 2
     monkeypatch.delenv(SHARDS_ENV)
     assert configured_shards() == 1
 

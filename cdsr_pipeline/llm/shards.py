@@ -16,13 +16,15 @@ import os
 
 import pyarrow as pa
 
+from cdsr_pipeline.errors import UserInputError
+
 SHARDS_ENV = "CDSR_LLM_SHARDS"
 SHARDED_STAGES = ("llm_augmented_text", "item_tag_scores")
 """The assets that are partitioned into shards when ``CDSR_LLM_SHARDS`` is above 1."""
 MAX_SHARDS = 4096
 
 
-class ShardConfigError(ValueError):
+class ShardConfigError(UserInputError):
     """``CDSR_LLM_SHARDS`` is not a whole number from 1 to :data:`MAX_SHARDS`."""
 
 
