@@ -161,9 +161,9 @@ def test_a_sharded_run_side_by_side_gives_the_unsharded_artifacts_and_a_rerun_as
 
 def test_shards_built_from_other_items_are_refused_downstream(tmp_path):
     from cdsr_pipeline.assets._stage import DeclaredInputs
-    from cdsr_pipeline.assets.llm import StaleShardError, _shard_items_input, require_current_shards
+    from cdsr_pipeline.assets.llm import StaleShardError, require_current_shards
     from cdsr_pipeline.data.schema import ITEMS
-    from cdsr_pipeline.storage import stable_hash
+    from cdsr_pipeline.llm.shards import items_digest, shard_items_input
 
     store = ArtifactStore(tmp_path)
 
@@ -184,11 +184,11 @@ def test_shards_built_from_other_items_are_refused_downstream(tmp_path):
     commit("cdsr_sequences", {"items.parquet": items_table(40)}, {})
     for shard in range(2):
         part = items_of_shard(items_table(40), shard, 2)
-        commit(f"llm_augmented_text.shard-{shard}-of-2", {}, {_shard_items_input(shard, 2): stable_hash(part.to_pydict())})
+        commit(f"llm_augmented_text.shard-{shard}-of-2", {}, {shard_items_input(shard, 2): items_digest(part)})
     inputs = DeclaredInputs(store, ["cdsr_sequences", "llm_augmented_text"], "item_llm_text_embeddings", shards=2)
     require_current_shards(inputs, "llm_augmented_text")  # built from the items there are
     commit("cdsr_sequences", {"items.parquet": items_table(41)}, {})  # a new item (a scheduled rerun of the rest)
-    with pytest.raises(StaleShardError, match=r"shard \d of 2 of 'llm_augmented_text' was built from other items"):
+    with pytest.raises(StaleShardError, match=r"shard\(s\) \d of 2 of 'llm_augmented_text' were built from other items"):
         require_current_shards(inputs, "llm_augmented_text")
     unsharded = DeclaredInputs(store, ["cdsr_sequences", "llm_augmented_text"], "item_llm_text_embeddings")
     require_current_shards(unsharded, "llm_augmented_text")  # nothing to check without shards

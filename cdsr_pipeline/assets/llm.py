@@ -27,9 +27,17 @@ from ..llm import (
     llm_session,
     score_item_tags,
 )
-from ..llm.shards import artifact_names, configured_shards, items_of_shard, shard_artifact
+from ..llm.shards import (
+    artifact_names,
+    configured_shards,
+    items_digest,
+    items_of_shard,
+    shard_artifact,
+    shard_items_input,
+    stale_shards,
+)
 from ..resources import LLMResource, StorageResource, TextEncoderResource
-from ..storage import ArtifactStore, stable_hash, write_parquet_atomic
+from ..storage import ArtifactStore, write_parquet_atomic
 from ._config import dagster_config
 from ._stage import HEAVY_TAG, DeclaredInputs, run_stage, upstream_names, upstream_versions
 from .artifacts import (
@@ -76,13 +84,8 @@ def _stage_items(context: dg.AssetExecutionContext, store: ArtifactStore, inputs
         return items, None, None
     items = items_of_shard(items, shard, SHARDS)
     versions = upstream_versions(store, [n for n in upstream_names(context) if n != "cdsr_sequences"], SHARDS)
-    versions[_shard_items_input(shard, SHARDS)] = stable_hash(items.to_pydict())
+    versions[shard_items_input(shard, SHARDS)] = items_digest(items)
     return items, shard_artifact(context.asset_key.path[-1], shard, SHARDS), versions
-
-
-def _shard_items_input(shard: int, shards: int) -> str:
-    """The input of a shard's fingerprint that stands for the items it asks about."""
-    return f"cdsr_sequences items of shard {shard} of {shards}"
 
 
 class StaleShardError(RuntimeError):
@@ -96,16 +99,17 @@ def require_current_shards(inputs: DeclaredInputs, asset: str) -> None:
     new items out."""
     if inputs.shards == 1:
         return
-    items = read_items(inputs)
-    for shard, name in enumerate(artifact_names(asset, inputs.shards)):
-        key = _shard_items_input(shard, inputs.shards)
-        built_from = inputs.store.require(name).inputs.get(key)
-        if built_from != stable_hash(items_of_shard(items, shard, inputs.shards).to_pydict()):
-            raise StaleShardError(
-                f"shard {shard} of {inputs.shards} of '{asset}' was built from other items than cdsr_sequences holds now; "
-                f"rerun the shards first (CDSR_LLM_SHARDS={inputs.shards} cdsr run --select {asset}, or a backfill of "
-                "cdsr_llm_shards)"
-            )
+    recorded = [
+        inputs.store.require(name).inputs.get(shard_items_input(shard, inputs.shards))
+        for shard, name in enumerate(artifact_names(asset, inputs.shards))
+    ]
+    stale = stale_shards(recorded, read_items(inputs))
+    if stale:
+        raise StaleShardError(
+            f"shard(s) {', '.join(map(str, stale))} of {inputs.shards} of '{asset}' were built from other items than "
+            f"cdsr_sequences holds now; rerun the shards first (CDSR_LLM_SHARDS={inputs.shards} cdsr run --select "
+            f"{asset}, or a backfill of cdsr_llm_shards)"
+        )
 
 
 class LLMFailureLimit(dg.Config):

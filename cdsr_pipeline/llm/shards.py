@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 
 import pyarrow as pa
 
 from cdsr_pipeline.errors import UserInputError
+from cdsr_pipeline.storage import stable_hash
 
 SHARDS_ENV = "CDSR_LLM_SHARDS"
 SHARDED_STAGES = ("llm_augmented_text", "item_tag_scores")
@@ -72,3 +74,20 @@ def artifact_names(asset: str, shards: int) -> list[str]:
     if shards == 1 or asset not in SHARDED_STAGES:
         return [asset]
     return [shard_artifact(asset, shard, shards) for shard in range(shards)]
+
+
+def shard_items_input(shard: int, shards: int) -> str:
+    """The input of a shard's fingerprint that stands for the items it asks about."""
+    return f"cdsr_sequences items of shard {shard} of {shards}"
+
+
+def items_digest(items: pa.Table) -> str:
+    """The content of a shard's items, as its fingerprint records it."""
+    return stable_hash(items.to_pydict())
+
+
+def stale_shards(recorded: Sequence[str | None], items: pa.Table) -> list[int]:
+    """The shards whose recorded items digest (``recorded[K]``, from shard K's manifest) is
+    not that of their items in ``items`` now."""
+    shards = len(recorded)
+    return [shard for shard, digest in enumerate(recorded) if digest != items_digest(items_of_shard(items, shard, shards))]
