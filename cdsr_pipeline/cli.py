@@ -235,10 +235,12 @@ def _ancestors(graph, keys) -> set:
     return seen
 
 
-def _job_run_config(args: argparse.Namespace, job, sharded: tuple[str, ...]) -> dict:
+def _job_run_config(args: argparse.Namespace, job) -> dict:
     """The run config of ``args`` for ``job``: with item shards, the op config of the
     sharded stages goes to the shard job only, and only theirs to it (Dagster refuses
     config for ops a job does not hold)."""
+    from .automation import SHARDED_ASSETS as sharded
+
     config = _run_config(args)
     ops = config.get("ops")
     if ops and sharded:
@@ -249,21 +251,19 @@ def _job_run_config(args: argparse.Namespace, job, sharded: tuple[str, ...]) -> 
 
 def _execute(dg, defs, instance, args, job_name: str, keys, shard: str | None, storage: Path, started: float) -> bool:
     """One Dagster run of ``keys`` (of one shard when ``shard``), reported as it ends."""
-    from .automation import SHARDED_ASSETS
-
     job = defs.resolve_job_def(job_name)
+    run_config = _job_run_config(args, job)
     if args.parallel > 1 and job_name == "cdsr_full_pipeline":  # steps in their own processes, loaded again from the definitions module
         from .definitions import parallel_pipeline_job
 
-        run_config = {**_job_run_config(args, job, SHARDED_ASSETS), "execution": {"config": {"max_concurrent": args.parallel}}}
+        run_config["execution"] = {"config": {"max_concurrent": args.parallel}}
         with dg.execute_job(
             dg.reconstructable(parallel_pipeline_job), instance=instance, run_config=run_config,
             asset_selection=keys, raise_on_error=False,
         ) as result:
             return _report_run(result, storage, started)
     result = job.execute_in_process(
-        run_config=_job_run_config(args, job, SHARDED_ASSETS), instance=instance, asset_selection=keys,
-        partition_key=shard, raise_on_error=False,
+        run_config=run_config, instance=instance, asset_selection=keys, partition_key=shard, raise_on_error=False,
     )
     return _report_run(result, storage, started, shard)
 

@@ -192,3 +192,17 @@ def test_shards_built_from_other_items_are_refused_downstream(tmp_path):
         require_current_shards(inputs, "llm_augmented_text")
     unsharded = DeclaredInputs(store, ["cdsr_sequences", "llm_augmented_text"], "item_llm_text_embeddings")
     require_current_shards(unsharded, "llm_augmented_text")  # nothing to check without shards
+
+
+def test_a_missing_shard_is_named_with_the_command_that_builds_it(tmp_path):
+    from cdsr_pipeline.assets._stage import upstream_versions
+    from cdsr_pipeline.storage import MissingArtifactError
+
+    store = ArtifactStore(tmp_path)
+    with store.staging("llm_augmented_text.shard-0-of-2") as folder:
+        (folder / "augmented_text.parquet").write_bytes(b"x")
+        store.commit("llm_augmented_text.shard-0-of-2", folder, code_version="1", fingerprint="f", inputs={}, config={}, metadata={})
+    with pytest.raises(MissingArtifactError, match=r"shard 1 of 2 of 'llm_augmented_text': .*no manifest.*--select llm_augmented_text; one shard: --shard 1\)"):
+        upstream_versions(store, ["llm_augmented_text"], 2)
+    with pytest.raises(MissingArtifactError, match=r"cdsr run --select cdsr_sequences\)"):  # an unsharded one keeps require's hint
+        upstream_versions(store, ["cdsr_sequences"], 2)

@@ -100,13 +100,16 @@ def upstream_versions(store: ArtifactStore, names: list[str], shards: int) -> di
     for name in names:
         artifacts = artifact_names(name, shards)
         for shard, artifact in enumerate(artifacts):
-            if len(artifacts) > 1 and store.read_manifest(artifact) is None:
+            try:
+                versions[artifact] = store.require(artifact).data_version
+            except MissingArtifactError as missing:
+                if len(artifacts) == 1:
+                    raise
+                # require's hint names the folder, which is no asset to select
                 raise MissingArtifactError(
-                    f"shard {shard} of {shards} of '{name}' has no output under {store.asset_dir(artifact)}; "
-                    f"materialize its shards first (CDSR_LLM_SHARDS={shards} cdsr run --select {name}; "
-                    f"one shard: --shard {shard})"
-                )
-            versions[artifact] = store.require(artifact).data_version
+                    f"shard {shard} of {shards} of '{name}': {str(missing).split('; materialize')[0]}; materialize its "
+                    f"shards first (CDSR_LLM_SHARDS={shards} cdsr run --select {name}; one shard: --shard {shard})"
+                ) from None
     return versions
 
 

@@ -31,16 +31,16 @@ def call_log_path(store: ArtifactStore) -> Path:
     return store.root / "cache" / CALL_LOG_FILE
 
 
-def shard_call_log_path(store: ArtifactStore, shard: int) -> Path:
+def shard_call_log_path(store: ArtifactStore, shard: int | str) -> Path:
     """``<storage>/cache/llm_calls.shard-K.duckdb``: the log that shard K writes while it runs."""
     return store.root / "cache" / f"llm_calls.shard-{shard}.duckdb"
 
 
-def _shard_lock_name(shard: int) -> str:
+def _shard_lock_name(shard: int | str) -> str:
     return f"{CALL_LOG_LOCK}.shard-{shard}"
 
 
-def _move_into_shared(store: ArtifactStore, shard_log: Path, shared: CallLog) -> int:
+def _move_into_shared(shard_log: Path, shared: CallLog) -> int:
     """Move the answers of ``shard_log`` (its writer's lock held) into ``shared``."""
     added = shared.absorb(shard_log)
     shard_log.unlink()
@@ -50,12 +50,14 @@ def _move_into_shared(store: ArtifactStore, shard_log: Path, shared: CallLog) ->
 
 def _move_idle_shard_logs(store: ArtifactStore, shared: CallLog, on_wait: Callable[[str], None] | None) -> None:
     """Move every shard log that no running shard holds into ``shared`` (its lock held)."""
-    for shard_log in sorted((store.root / "cache").glob("llm_calls.shard-*.duckdb")):
-        shard = shard_log.name.removeprefix("llm_calls.shard-").removesuffix(".duckdb")
+    pattern = shard_call_log_path(store, "*")
+    before, after = pattern.name.split("*")
+    for shard_log in sorted(pattern.parent.glob(pattern.name)):
+        shard = shard_log.name.removeprefix(before).removesuffix(after)
         try:
-            with store.lock(f"{CALL_LOG_LOCK}.shard-{shard}", "moving its answers into the shared call log", timeout=0):
+            with store.lock(_shard_lock_name(shard), "moving its answers into the shared call log", timeout=0):
                 if shard_log.exists():
-                    _move_into_shared(store, shard_log, shared)
+                    _move_into_shared(shard_log, shared)
         except StorageLockTimeout as busy:
             if on_wait is not None:
                 on_wait(f"left {shard_log.name} as it is (a shard is running: {busy}); its answers join the shared log when it ends")
@@ -89,7 +91,7 @@ def shard_call_log(
             with store.lock(CALL_LOG_LOCK, f"{holder} (moving its answers in)", on_wait=on_wait):
                 with CallLog(call_log_path(store)) as shared:
                     if path.exists():
-                        _move_into_shared(store, path, shared)
+                        _move_into_shared(path, shared)
 
 
 @contextlib.contextmanager
