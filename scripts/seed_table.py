@@ -22,7 +22,7 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from compare_runs import load_runs  # noqa: E402
 
 from cdsr_pipeline.model.runs import without_seed  # noqa: E402
