@@ -455,7 +455,7 @@ def _runs_section(doc: _Document, results: list[TrainResult], names: dict) -> No
         training = (
             f"{m['epochs_run']}/{m['max_epochs']} epochs ({stop}), patience {m['patience']}, best epoch "
             f"{m['best_checkpoint']['epoch']}, {m['timing']['mean_train_seconds']:.0f} s/epoch on {m['device']}"
-            f" ({_cpu(m)}), {m.get('precision') or 'fp32'}"
+            f" ({_cpu(m)}), {m.get('precision') or 'fp32'}, seed {r.config.seed}"
             if m["epochs_run"]
             else "not trained"
         )
@@ -498,7 +498,12 @@ def _seed_table(results: Sequence[TrainResult], names: dict, protocol: str) -> t
 
 
 def _cpu(metrics: dict) -> str:
-    return (metrics.get("hardware") or {}).get("cpu") or "CPU not recorded"
+    """The CPU a run trained on, with torch's CPU capability where recorded (two CPUs of
+    one name can differ in the instructions that decide precision and speed)."""
+    hardware = metrics.get("hardware") or {}
+    cpu = hardware.get("cpu") or "CPU not recorded"
+    capability = hardware.get("torch_cpu_capability")
+    return f"{cpu} {capability}" if capability else cpu
 
 
 def _results_table(

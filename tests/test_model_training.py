@@ -264,6 +264,12 @@ def test_the_report_gives_mean_and_spread_over_seeds(dataset, tmp_path):
     mean, spread = sum(values) / 3, statistics.stdev(values)
     assert f"| SASRec (bf16) | 3 | {mean:.2f} ± {spread:.2f} |" in text or f"| SASRec | 3 | {mean:.2f} ± {spread:.2f} |" in text
     assert "| popularity | 1 |" in text  # a run without seeds: its one value
+    # the runs table names each run's seed and the CPU capability it trained with
+    capability = torch.backends.cpu.get_cpu_capability()
+    runs_table = text.split("## Runs", 1)[1].split("\n\n", 2)[1]
+    for seed, name in ((0, "SASRec"), (1, "SASRec (seed 1)"), (2, "SASRec (seed 2)")):
+        row = next(line for line in runs_table.splitlines() if line.startswith(f"| {name} |"))
+        assert row.endswith(f", seed {seed} |") and f" {capability}), " in row
 
 
 def test_the_best_checkpoints_test_ranks_give_its_metrics_and_pair_up_against_sasrec(runs, dataset, tmp_path):
