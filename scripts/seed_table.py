@@ -1,12 +1,14 @@
-"""Mean ± standard deviation over seeds of runs gathered from several sources: a report's
-``metrics.json`` and storages' training caches, for runs that were trained where the
-others' storage was gone (the report's own seeds table only sees one storage's runs).
+"""Mean ± standard deviation over seeds of runs gathered from several reports'
+``metrics.json``, for runs that were trained where the others' storage was gone (a
+report's own seeds table only sees one storage's runs).
 
     python scripts/seed_table.py results/llmcdsr-food-kitchen/metrics.json \\
-        --add ~/cdsr-release/food-kitchen "TEMA-LLM" "TEMA-LLM (seed 2)" \\
-        --add ~/cdsr-release/food-kitchen "SASRec" "SASRec (seed 0, fp32)" --reference SASRec
+        --add results/llmcdsr-food-kitchen/2026-12-07-fp32/metrics.json "TEMA-LLM" "TEMA-LLM (seed 2)" \\
+        --add results/llmcdsr-food-kitchen/2026-12-07-fp32/metrics.json "SASRec" "SASRec (seed 0, fp32)" \\
+        --reference SASRec
 
-``--add SOURCE RUN AS`` takes run ``RUN`` of ``SOURCE`` under the name ``AS``: a name
+``--add REPORT RUN AS`` takes run ``RUN`` of another report's ``metrics.json`` (the runs
+its ``evaluation_report`` read, not every run a training cache holds) under the name ``AS``: a name
 ending in ``(seed N)`` joins that model's seed group; a run that repeats a seed already
 present (the same seed in another precision or on another CPU) is named with what
 differs, and is counted only with ``--include``. Each row says how many runs it holds and
@@ -65,12 +67,15 @@ def seed_rows(runs: dict[str, dict], include: set[str]) -> list[tuple[str, list[
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("report", type=Path, help="a report's metrics.json")
-    parser.add_argument("--add", nargs=3, action="append", default=[], metavar=("SOURCE", "RUN", "AS"))
+    parser.add_argument("--add", nargs=3, action="append", default=[], metavar=("REPORT", "RUN", "AS"))
     parser.add_argument("--include", action="append", default=[], help="count this renamed repeat in its model's mean")
     parser.add_argument("--reference", help="the model whose mean the others are divided by")
     args = parser.parse_args()
     runs = load_runs(args.report)
     for source, run, name in args.add:
+        if not Path(source).expanduser().is_file():
+            print(f"{source}: not a report's metrics.json", file=sys.stderr)
+            return 2
         found = load_runs(Path(source).expanduser())
         if run not in found:
             print(f"{source}: no run {run!r} (it has {sorted(found)})", file=sys.stderr)

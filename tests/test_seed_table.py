@@ -1,4 +1,4 @@
-"""scripts/seed_table.py: seeds gathered from a report and a storage's training cache."""
+"""scripts/seed_table.py: seeds gathered from several reports' metrics.json."""
 
 from __future__ import annotations
 
@@ -25,9 +25,7 @@ def _run(name: str, mrr: float, precision: str = "bf16", capability: str = "AVX5
 def _table(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     report = tmp_path / "metrics.json"
     report.write_text(json.dumps({"runs": [_run("TEMA-LLM", 0.24), _run("TEMA-LLM (seed 1)", 0.26), _run("SASRec", 0.20)]}))
-    folder = tmp_path / "storage" / "cache" / "training" / "tema-llm-0123"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "metrics.json").write_text(json.dumps(_run("TEMA-LLM", 0.28, "fp32", "AVX2")))
+    (tmp_path / "other.json").write_text(json.dumps({"runs": [_run("TEMA-LLM", 0.28, "fp32", "AVX2")]}))
     command = [sys.executable, str(SCRIPT), str(report), *args]
     return subprocess.run(command, capture_output=True, text=True, cwd=SCRIPT.parents[1])
 
@@ -37,7 +35,7 @@ def _row(output: str, model: str) -> list[str]:
 
 
 def test_a_seed_from_a_storage_joins_its_model_and_says_its_precision(tmp_path):
-    done = _table(tmp_path, "--add", str(tmp_path / "storage"), "TEMA-LLM", "TEMA-LLM (seed 2)", "--reference", "SASRec")
+    done = _table(tmp_path, "--add", str(tmp_path / "other.json"), "TEMA-LLM", "TEMA-LLM (seed 2)", "--reference", "SASRec")
     assert done.returncode == 0, done.stderr
     row = _row(done.stdout, "TEMA-LLM")
     assert row[1:3] == ["3", "bf16/AVX512, fp32/AVX2"]
@@ -47,14 +45,16 @@ def test_a_seed_from_a_storage_joins_its_model_and_says_its_precision(tmp_path):
 
 def test_a_repeated_seed_is_its_own_row_unless_included(tmp_path):
     name = "TEMA-LLM (seed 0, fp32)"
-    alone = _table(tmp_path, "--add", str(tmp_path / "storage"), "TEMA-LLM", name)
+    alone = _table(tmp_path, "--add", str(tmp_path / "other.json"), "TEMA-LLM", name)
     assert _row(alone.stdout, "TEMA-LLM")[1] == "2" and _row(alone.stdout, name)[1] == "1"
-    counted = _table(tmp_path, "--add", str(tmp_path / "storage"), "TEMA-LLM", name, "--include", name)
+    counted = _table(tmp_path, "--add", str(tmp_path / "other.json"), "TEMA-LLM", name, "--include", name)
     assert _row(counted.stdout, "TEMA-LLM")[1] == "3" and f"| {name} |" not in counted.stdout
 
 
 def test_bad_arguments_are_one_line(tmp_path):
-    missing = _table(tmp_path, "--add", str(tmp_path / "storage"), "GRU4Rec", "GRU4Rec (seed 1)")
+    missing = _table(tmp_path, "--add", str(tmp_path / "other.json"), "GRU4Rec", "GRU4Rec (seed 1)")
     assert missing.returncode == 2 and "no run 'GRU4Rec'" in missing.stderr and "Traceback" not in missing.stderr
-    taken = _table(tmp_path, "--add", str(tmp_path / "storage"), "TEMA-LLM", "TEMA-LLM (seed 1)")
+    taken = _table(tmp_path, "--add", str(tmp_path / "other.json"), "TEMA-LLM", "TEMA-LLM (seed 1)")
     assert taken.returncode == 2 and "already in" in taken.stderr
+    folder = _table(tmp_path, "--add", str(tmp_path), "TEMA-LLM", "TEMA-LLM (seed 2)")
+    assert folder.returncode == 2 and "not a report's metrics.json" in folder.stderr
