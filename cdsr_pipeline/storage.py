@@ -315,14 +315,15 @@ class ArtifactStore:
         except (ValueError, TypeError, KeyError):  # an edited or truncated manifest: the asset is rebuilt
             return None
 
-    def require(self, asset: str) -> Manifest:
-        """The manifest of an upstream asset, or a clear error saying how to produce it."""
+    def require(self, asset: str, produce: str | None = None) -> Manifest:
+        """The manifest of an upstream asset, or a clear error saying how to produce it
+        (``produce``: the command, when it is not ``cdsr run --select <asset>``)."""
         manifest = self.read_manifest(asset)
         problem = "no manifest" if manifest is None else self.damage(asset, manifest)
         if problem is not None:
             raise MissingArtifactError(
                 f"asset '{asset}' has no complete output under {self.asset_dir(asset)} ({problem}); "
-                f"materialize it (again) first (cdsr run --select {asset})"
+                f"materialize it (again) first ({produce or f'cdsr run --select {asset}'})"
             )
         return manifest
 

@@ -35,7 +35,7 @@ _SEED = re.compile(r" \(seed (\d+)[^)]*\)$")
 
 def group_name(name: str) -> str:
     """The model a run belongs to: its name without any ``(seed ...)`` suffix."""
-    return without_seed(_SEED.sub("", name))
+    return _SEED.sub("", name)
 
 
 def test_mrr(run: dict, domain: str, protocol: str) -> float:
@@ -51,7 +51,7 @@ def seed_rows(runs: dict[str, dict], include: set[str]) -> list[tuple[str, list[
     """Per model: its runs (each seed once, plus the ``include``d repeats) and (mean, sd) per column."""
     groups: dict[str, list[dict]] = {}
     for name, run in runs.items():
-        repeat = _SEED.search(name) and not re.search(r" \(seed \d+\)$", name)
+        repeat = _SEED.search(name) is not None and without_seed(name) == name  # "(seed 0, fp32)"
         # a repeat of a seed under other conditions is a row of its own unless included
         groups.setdefault(name if repeat and name not in include else group_name(name), []).append(run)
     rows = []

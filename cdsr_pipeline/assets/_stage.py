@@ -100,16 +100,14 @@ def upstream_versions(store: ArtifactStore, names: list[str], shards: int) -> di
     for name in names:
         artifacts = artifact_names(name, shards)
         for shard, artifact in enumerate(artifacts):
-            try:
+            if len(artifacts) == 1:
                 versions[artifact] = store.require(artifact).data_version
+                continue
+            try:  # a shard's folder is no asset to select: the command names the asset and the shard
+                produce = f"CDSR_LLM_SHARDS={shards} cdsr run --select {name}; one shard: --shard {shard}"
+                versions[artifact] = store.require(artifact, produce).data_version
             except MissingArtifactError as missing:
-                if len(artifacts) == 1:
-                    raise
-                # require's hint names the folder, which is no asset to select
-                raise MissingArtifactError(
-                    f"shard {shard} of {shards} of '{name}': {str(missing).split('; materialize')[0]}; materialize its "
-                    f"shards first (CDSR_LLM_SHARDS={shards} cdsr run --select {name}; one shard: --shard {shard})"
-                ) from None
+                raise MissingArtifactError(f"shard {shard} of {shards} of '{name}': {missing}") from None
     return versions
 
 
