@@ -17,6 +17,7 @@ from cdsr_pipeline.model.data import Domains, load_sequences
 from cdsr_pipeline.model.evaluate import EvaluationSplit, split_ranks, summarize_ranks
 from cdsr_pipeline.model.trainer import BEST_CHECKPOINT, TEST_RANKS_FILE, keep_freed_memory_for_reuse, load_checkpoint
 from cdsr_pipeline.model.metrics import summarize
+from cdsr_pipeline.model.runs import run_folder, train_runs
 from cdsr_pipeline.report import paired_comparisons, papers_results_for, protocol_label, write_report
 
 
@@ -108,6 +109,29 @@ def test_a_folder_of_another_configuration_or_other_inputs_is_not_resumed(datase
         train_model(sequences, features, _config("sasrec", epochs=1, seed=1), tmp_path / "run")
     with pytest.raises(ValueError, match="different configuration or inputs"):
         train_model(sequences, dataclasses.replace(features, tags=None), _config("sasrec", epochs=1), tmp_path / "run")
+
+
+def test_a_finished_run_under_another_name_is_reused_and_another_tag_file_is_not(dataset, tmp_path):
+    sequences, features = dataset
+    cache, versions = tmp_path / "cache", {"cdsr_sequences": "v1"}
+    other_tags = tmp_path / "other-tags.parquet"
+    other_tags.write_bytes(features.tags.read_bytes())  # another variant of one asset: same data version
+    variant = dataclasses.replace(features, tags=other_tags)
+    inputs = {"TEMA-LLM": features, "TEMA T4: full": features, "TEMA T4: other tags": variant}
+    base = _config("tema_llm", epochs=1)
+    configs = [dataclasses.replace(base, name=name) for name in inputs]
+    said = []
+    results = train_runs(configs, lambda run: (inputs[run.name], versions), sequences, cache, tmp_path / "out", said.append)
+
+    first, same, other = (run_folder(cache, config, versions) for config in configs)
+    assert (first / "last.pt").stat().st_ino == (same / "last.pt").stat().st_ino  # hard-linked, not trained again
+    assert (other / "last.pt").stat().st_ino != (first / "last.pt").stat().st_ino
+    assert [line for line in said if "reused" in line] == [
+        f"TEMA T4: full: the same config and inputs as the finished run in {first.name}; its files are reused"
+    ]
+    assert _comparable(results[1]).equals(_comparable(results[0]))
+    assert results[1].metrics["best_checkpoint"] == results[0].metrics["best_checkpoint"]
+    assert json.loads((tmp_path / "out/runs/tema-t4-full/config.json").read_text())["train_config"]["name"] == "TEMA T4: full"
 
 
 def test_early_stopping_counts_patience_epochs(dataset, tmp_path):

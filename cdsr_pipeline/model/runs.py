@@ -8,7 +8,10 @@ selection and representation), ``static`` (keyword-matched tags, TEMA Table IV) 
 Each run trains in its own folder of the training cache, named after what determines
 it (its identity and the data versions of the inputs it reads), so a crashed run
 resumes from its last epoch and a run whose inputs did not change is not trained again
-(:func:`run_folder`). :func:`train_runs` trains (or resumes, or reuses) each run and
+(:func:`run_folder`). A run that differs from a finished one only by its name (the
+last row of TEMA Table IV and the default rows of Tables V and VI are TEMA-LLM itself)
+starts from that run's files instead of training again (:func:`finished_twin`).
+:func:`train_runs` trains (or resumes, or reuses) each run and
 copies what a run publishes (:data:`KEPT_FILES`, without the optimizer state) into
 ``<out>/runs/<run>/``.
 """
@@ -16,7 +19,9 @@ copies what a run publishes (:data:`KEPT_FILES`, without the optimizer state) in
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 import re
 import shutil
 from collections.abc import Callable, Sequence
@@ -176,6 +181,43 @@ def run_folder(cache: Path, config: TrainConfig, versions: dict[str, str]) -> Pa
     return legacy if legacy.is_dir() and not current.is_dir() else current
 
 
+def finished_twin(work: Path, features: FeatureInputs) -> Path | None:
+    """A finished run folder beside ``work`` of the same run under another name, if any.
+
+    :func:`run_folder` names a folder ``<name>-<key>``, the key hashing the run's identity
+    (which leaves the name out) and its inputs' data versions. Those versions are per
+    asset, so two tag-matrix variants of one asset share them: the feature files the
+    twin recorded (its ``config.json``) must be the same files as well. Finished means
+    it wrote its metrics; ``train_model`` then checks the checkpoint's full identity
+    (config and a digest of every input file) before resuming from it.
+    """
+    key = work.name[-16:]
+    for other in sorted(work.parent.glob(f"*-{key}")):
+        if other == work or not (other / METRICS_FILE).is_file():
+            continue
+        try:
+            recorded = json.loads((other / CONFIG_FILE).read_text())["features"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if recorded == features.to_dict():
+            return other
+    return None
+
+
+def link_folder(source: Path, target: Path) -> None:
+    """``target`` as a copy of the files of ``source``, hard-linked where the file system
+    allows (the trainer replaces files atomically, so neither folder changes the other's
+    files), made under a temporary name and renamed into place."""
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        shutil.copytree(source, staging, copy_function=os.link)
+    except OSError:  # another file system, or one without hard links
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(source, staging)
+    os.replace(staging, target)
+
+
 def train_runs(
     configs: Sequence[TrainConfig],
     inputs_of: Callable[[TrainConfig], tuple[FeatureInputs, dict[str, str]]],
@@ -192,6 +234,10 @@ def train_runs(
         progress(f"run {index}/{len(configs)}: {config.name}")
         features, versions = inputs_of(config)
         work = run_folder(cache, config, versions)
+        twin = None if work.is_dir() else finished_twin(work, features)
+        if twin is not None:
+            progress(f"{config.name}: the same config and inputs as the finished run in {twin.name}; its files are reused")
+            link_folder(twin, work)
         results.append(train_model(sequences, features, config, work))
         target = out / RUNS_DIR / slug(config.name)
         target.mkdir(parents=True)
