@@ -16,6 +16,7 @@ from __future__ import annotations
 import html
 import json
 import re
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -604,17 +605,22 @@ def _figures(results: list[TrainResult], names: dict, out_dir: Path) -> list[tup
 
 
 def _ablation_table(results: list[TrainResult], names: dict) -> tuple[list[str], list[list[str]]]:
-    header = ["Variant", "Towers", "Sequences", "Tag matrix"] + [
+    # the validation MRR that selected each row's checkpoint: the variants are compared
+    # on it first (a test difference within the seed spread is not a result)
+    header = ["Variant", "Towers", "Sequences", "Tag matrix", "Valid mean MRR (selection)"] + [
         f"MRR {names[k]} ({p})" for p in ("sampled", "full") for k in DOMAIN_KEYS
     ]
     rows = []
     for r in results:
         m = r.metrics
+        protocol = r.config.selection_protocol
+        valid = statistics.fmean(m["best_checkpoint"]["valid"][k][protocol]["mrr"] for k in DOMAIN_KEYS)
         sampled = [m["per_domain_best"]["sampled"][k]["test"]["mrr"] for k in DOMAIN_KEYS]
         full = [m["best_checkpoint"]["test"][k]["full"]["mrr"] for k in DOMAIN_KEYS]
         tag_source = m["features"]["provenance"].get("tag", "-") if "tag" in m["model_summary"]["towers"] else "-"
         rows.append(
             [r.name, ", ".join(m["model_summary"]["towers"]), "+".join(m["model_summary"]["views"]), tag_source]
+            + [f"{_percent(valid)} ({protocol})"]
             + [_percent(v) for v in sampled + full]
         )
     header[-4:] = [h + (" papers' rule" if "sampled" in h else " best ckpt") for h in header[-4:]]

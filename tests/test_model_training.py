@@ -168,6 +168,10 @@ def test_report_labels_the_papers_numbers_and_draws_curves(runs, tmp_path):
     assert "synthetic-cycles" in markdown and "TEMA-LLM" in markdown
     assert "patience 50" in markdown
     assert "## Ablations" in markdown and "### demo" in markdown
+    selected = runs["tema"].metrics["best_checkpoint"]["valid"]
+    valid = (selected["A"]["sampled"]["mrr"] + selected["B"]["sampled"]["mrr"]) / 2
+    ablation_rows = [line for line in markdown.split("### demo", 1)[1].splitlines() if line.startswith("| tema_llm |")]
+    assert len(ablation_rows) == 1 and f"| {100 * valid:.2f} (sampled) |" in ablation_rows[0]
     assert "999 sampled negatives" in markdown and "full ranking" in markdown
     assert paths.html.read_text().startswith("<!DOCTYPE html>")
     assert [p.name for p in paths.figures] == ["curves_tema-llm.png"]
