@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import matplotlib
@@ -30,6 +31,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .storage import atomic_write_text  # noqa: E402
+from .data.sequences import split_file  # noqa: E402
+from .model.data import load_sequences  # noqa: E402
 from .model.evaluate import DOMAIN_KEYS, PROTOCOLS, metric_column  # noqa: E402
 from .model.metrics import METRICS, mrr, paired_mrr_difference  # noqa: E402
 from .model.config import config_to_dict  # noqa: E402
@@ -173,6 +176,7 @@ def write_report(
     *,
     title: str | None = None,
     missing: Sequence[str] = (),
+    sequences_dir: Path | None = None,
 ) -> ReportPaths:
     """Write ``report.md``, ``report.html`` and PNG figures for ``runs`` into ``out_dir``.
 
@@ -182,6 +186,9 @@ def write_report(
             in the first run's metrics).
         title: heading of the report (default from the dataset name).
         missing: model assets that were not materialized (listed as missing).
+        sequences_dir: the runs' ``cdsr_sequences`` folder: with it, the report breaks
+            each run's test MRR down by how often the target item occurs in training
+            (:func:`target_frequencies`).
     """
     results = [run if isinstance(run, TrainResult) else TrainResult.load(Path(run)) for run in runs]
     if not results:
@@ -245,6 +252,12 @@ def write_report(
             doc.table(*_seed_table(results, names, protocol))
         if protocol == "sampled":
             _papers_section(doc, dataset, names, negatives)
+    by_frequency = None
+    if sequences_dir is not None:
+        frequencies = target_frequencies(sequences_dir, results[0].config.max_len)
+        by_frequency = frequency_breakdown(results, frequencies)
+        if by_frequency["runs"]:
+            _frequency_section(doc, by_frequency, names)
     figures = _figures(results, names, out_dir)
     doc.heading(2, "Learning curves")
     doc.paragraph("Training loss and validation MRR per epoch; the dashed line marks the best checkpoint.")
@@ -259,6 +272,8 @@ def write_report(
 
     markdown, html_path = out_dir / "report.md", out_dir / "report.html"
     summary = metrics_summary(results, stats, missing) | {"paired_against_reference": {"reference": REFERENCE_RUN, "runs": paired}}
+    if by_frequency is not None:
+        summary["by_target_frequency"] = by_frequency
     atomic_write_text(out_dir / METRICS_FILE, json.dumps(summary, indent=2))
     atomic_write_text(markdown, doc.markdown())
     atomic_write_text(html_path, doc.html(title))
@@ -355,6 +370,81 @@ def paired_comparisons(results: Sequence[TrainResult]) -> dict[str, dict]:
                     "rows": int(mine[0].size),
                 }
     return out
+
+
+FREQUENCY_BUCKETS: tuple[tuple[int, int | None], ...] = ((0, 0), (1, 4), (5, 19), (20, None))
+"""Occurrences of a test target in the training sequences: never (cold), rare, middling, frequent."""
+
+
+def target_frequencies(sequences_dir: Path, max_len: int) -> np.ndarray:
+    """For each test row (the ``row`` of a run's test ranks), how often its target item
+    occurs in the training sequences of the cross-domain users (every run trains on
+    those; a run with the single-domain users added saw more, the same buckets are kept
+    so that rows are compared on the same test rows)."""
+    train = pl.read_parquet(Path(sequences_dir) / split_file("train"), columns=["sequence", "user_domains"])
+    items = train.filter(pl.col("user_domains") == "both")["sequence"].explode().drop_nulls().to_numpy()
+    targets = load_sequences(sequences_dir, "test", max_len=max_len).last_targets
+    counts = np.bincount(items, minlength=int(targets.max(initial=0)) + 1)
+    return counts[targets]
+
+
+def _bucket_label(low: int, high: int | None) -> str:
+    return f"{low}+" if high is None else str(low) if low == high else f"{low}-{high}"
+
+
+def frequency_breakdown(results: Sequence[TrainResult], frequencies: np.ndarray) -> dict:
+    """Test MRR (best checkpoint) of each run with per-row ranks, per domain and protocol,
+    within each :data:`FREQUENCY_BUCKETS` bucket of the target's training frequency."""
+    labels = [_bucket_label(low, high) for low, high in FREQUENCY_BUCKETS]
+
+    def bucket_of(rows: np.ndarray) -> np.ndarray:
+        found = frequencies[rows]
+        return np.select([(found >= low) & (high is None or found <= high) for low, high in FREQUENCY_BUCKETS],
+                         np.arange(len(FREQUENCY_BUCKETS)), default=-1)
+
+    out: dict = {
+        "definition": "occurrences of the test target item in the training sequences of the cross-domain users",
+        "buckets": labels,
+        "rows": {},
+        "runs": {},
+    }
+    for result in results:
+        ranks = _test_ranks(result)
+        if ranks is None:
+            continue
+        entry: dict = {}
+        for key in DOMAIN_KEYS:
+            rows, _ = _domain_ranks(ranks, key, "full")
+            buckets = bucket_of(rows)
+            out["rows"][key] = [int((buckets == b).sum()) for b in range(len(labels))]
+            for protocol in PROTOCOLS:
+                found = _domain_ranks(ranks, key, protocol)[1]
+                entry.setdefault(protocol, {})[key] = [
+                    mrr(found[buckets == b]) if (buckets == b).any() else None for b in range(len(labels))
+                ]
+        out["runs"][result.name] = entry
+    return out
+
+
+def _frequency_section(doc: _Document, breakdown: dict, names: dict) -> None:
+    doc.heading(2, "By the target item's training frequency")
+    doc.paragraph(
+        "Test MRR in % (best checkpoint) within groups of test rows by how often the target item occurs in the "
+        "training sequences of the cross-domain users (n: test rows in the group; the same rows for every run). "
+        "Text, image and tag towers are meant to help where an item's id embedding has seen little training; "
+        "groups of a few dozen rows are noisy."
+    )
+    labels = breakdown["buckets"]
+    header = ["Model"] + [
+        f"{names[k]} {label} (n={n})" for k in DOMAIN_KEYS for label, n in zip(labels, breakdown["rows"].get(k, [0] * len(labels)))
+    ]
+    for protocol in PROTOCOLS:
+        doc.heading(3, protocol)
+        rows = [
+            [name] + [_percent(v if v is not None else float("nan")) for k in DOMAIN_KEYS for v in entry[protocol][k]]
+            for name, entry in breakdown["runs"].items()
+        ]
+        doc.table(header, rows)
 
 
 def _domain_ranks(table: pa.Table, domain: str, protocol: str) -> tuple[np.ndarray, np.ndarray]:

@@ -5,7 +5,9 @@ import dataclasses
 import json
 import platform
 import statistics
+from collections import Counter
 
+import numpy as np
 import polars as pl
 import pytest
 import torch
@@ -18,7 +20,15 @@ from cdsr_pipeline.model.evaluate import EvaluationSplit, split_ranks, summarize
 from cdsr_pipeline.model.trainer import BEST_CHECKPOINT, TEST_RANKS_FILE, keep_freed_memory_for_reuse, load_checkpoint
 from cdsr_pipeline.model.metrics import summarize
 from cdsr_pipeline.model.runs import run_folder, train_runs
-from cdsr_pipeline.report import paired_comparisons, papers_results_for, protocol_label, write_report
+from cdsr_pipeline.report import (
+    FREQUENCY_BUCKETS,
+    frequency_breakdown,
+    paired_comparisons,
+    papers_results_for,
+    protocol_label,
+    target_frequencies,
+    write_report,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -183,6 +193,33 @@ def test_report_labels_the_papers_numbers_and_draws_curves(runs, tmp_path):
     assert curve["epoch"] == epochs["epoch"].to_list() and curve["train_loss"] == epochs["train_loss"].to_list()
     assert curve["valid_full_B_mrr"] == epochs["valid_full_B_mrr"].to_list()
     assert published[runs["popularity"].name]["curve"] == {}
+
+
+def test_the_report_breaks_test_mrr_down_by_the_targets_training_frequency(runs, dataset, tmp_path):
+    sequences, _ = dataset
+    paths = write_report([runs["tema"], runs["popularity"]], tmp_path / "report", sequences_dir=sequences)
+    breakdown = json.loads((tmp_path / "report" / "metrics.json").read_text())["by_target_frequency"]
+    frequencies = target_frequencies(sequences, 50)
+    train = pl.read_parquet(sequences / "train.parquet").filter(pl.col("user_domains") == "both")
+    counts = Counter(item for sequence in train["sequence"].to_list() for item in sequence)
+    targets = load_sequences(sequences, "test", max_len=50).last_targets
+    assert frequencies.tolist() == [counts.get(int(t), 0) for t in targets]
+
+    ranks = pl.read_parquet(runs["tema"].out_dir / TEST_RANKS_FILE)
+    assert sum(breakdown["rows"]["A"]) + sum(breakdown["rows"]["B"]) == ranks.height
+    assert "## By the target item's training frequency" in paths.markdown.read_text()
+
+    # every synthetic item is frequent: spread the rows over every bucket to check the grouping
+    spread = np.arange(len(targets)) % 25
+    breakdown = frequency_breakdown([runs["tema"]], spread)
+    kitchen = ranks.filter(pl.col("domain") == "B")
+    found = spread[kitchen["row"].to_numpy()]
+    for bucket, (low, high) in enumerate(FREQUENCY_BUCKETS):
+        inside = (found >= low) & (found <= (found.max() if high is None else high))
+        assert inside.any() and breakdown["rows"]["B"][bucket] == int(inside.sum())
+        for protocol in ("sampled", "full"):
+            expected = float(np.mean(1.0 / kitchen[f"rank_{protocol}"].to_numpy()[inside]))
+            assert breakdown["runs"]["tema_llm"][protocol]["B"][bucket] == pytest.approx(expected)
 
 
 def test_papers_numbers_are_found_by_domain_words():

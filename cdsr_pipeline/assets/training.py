@@ -270,9 +270,10 @@ def evaluation_report(context: dg.AssetExecutionContext, storage: StorageResourc
     inputs["cdsr_sequences"] = store.require("cdsr_sequences").data_version
 
     def build(folder: Path):
-        stats = read_sequence_stats(DeclaredInputs.of(context, store))
+        declared = DeclaredInputs.of(context, store)
+        stats = read_sequence_stats(declared)
         runs = [run for name in inputs if name != "cdsr_sequences" for run in run_dirs(store, name)]
-        paths = write_report(runs, folder, stats, missing=missing)
+        paths = write_report(runs, folder, stats, missing=missing, sequences_dir=declared.asset_dir("cdsr_sequences"))
         return {
             "report_md": str(store.path("evaluation_report", paths.markdown.name)),
             "report_html": str(store.path("evaluation_report", paths.html.name)),
