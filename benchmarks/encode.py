@@ -20,6 +20,7 @@ to encode the 36,298 items of the Food-Kitchen release at the best batched rate.
 Usage::
 
     .venv/bin/python benchmarks/encode.py              # about three minutes on 2 free CPU cores
+    .venv/bin/python benchmarks/encode.py --precision fp32 bf16   # MiniLM in both, vectors compared
     .venv/bin/python benchmarks/encode.py --quick      # a smoke run
     .venv/bin/python benchmarks/encode.py --json out.json
 """
@@ -43,6 +44,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from cdsr_pipeline.features.encoders import (
+    EncoderConfigError,
     EncoderSpec,
     OpenClipImageEncoder,
     OpenClipTextEncoder,
@@ -204,7 +206,14 @@ def bench_encoder(
 
 
 def print_share_of_peak(
-    name: str, encode: Callable[[Sequence], object], items: Sequence, best: Measurement, device: str, inner: int, cols: int
+    name: str,
+    encode: Callable[[Sequence], object],
+    items: Sequence,
+    best: Measurement,
+    device: str,
+    inner: int,
+    cols: int,
+    precision: str = "fp32",
 ) -> None:
     """The best batched run's FLOP/s (counted by torch's FlopCounterMode over the same
     items) as a share of this machine's matrix-product peak, measured here at the
@@ -224,29 +233,44 @@ def print_share_of_peak(
     }
     print(
         f"  {name}: {gflop / len(items):.2f} GFLOP per item (FlopCounterMode), {achieved:.0f} GFLOP/s in the best "
-        f"batched run (fp32) = {achieved / peaks['fp32']:.0%} of this machine's fp32 matrix-product peak at "
-        f"{rows}x{inner}x{cols} ({peaks['fp32']:.0f} GFLOP/s; bf16 peak {peaks['bf16']:.0f}); "
+        f"batched run ({precision}) = {achieved / peaks[precision]:.0%} of this machine's {precision} matrix-product "
+        f"peak at {rows}x{inner}x{cols} (fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f}); "
         f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}",
         flush=True,
     )
 
 
 def bench_device(device: str, args: argparse.Namespace, titles: list[str]) -> list[Measurement]:
-    print(f"\n[{device}] minilm-text (all-MiniLM-L6-v2, real weights)", flush=True)
-    minilm = load_text_encoder(EncoderSpec(backend="sentence_transformers", device=device))
-    results = bench_encoder(
-        "minilm-text",
-        device,
-        lambda xs, size: minilm.encode_texts(xs, batch_size=size),
-        titles[: args.text_items],
-        args.text_batches,
-        args.one_by_one,
-    )
-    best = max((r for r in results if r.mode == "batched"), key=lambda r: r.items_per_s)
-    print_share_of_peak(
-        "minilm-text", lambda xs: minilm.encode_texts(xs, batch_size=best.batch_size), titles[: args.text_items], best,
-        device, inner=384, cols=1536,
-    )
+    results: list[Measurement] = []
+    vectors: dict[str, np.ndarray] = {}
+    texts = titles[: args.text_items]
+    for precision in args.precision:
+        name = "minilm-text" if precision == "fp32" else f"minilm-text-{precision}"
+        print(f"\n[{device}] {name} (all-MiniLM-L6-v2, real weights, {precision})", flush=True)
+        try:
+            minilm = load_text_encoder(EncoderSpec(backend="sentence_transformers", device=device, precision=precision))
+        except EncoderConfigError as error:  # bf16 where the device has no native bf16
+            print(f"  skipped: {error}", flush=True)
+            continue
+        runs = bench_encoder(
+            name, device, lambda xs, size: minilm.encode_texts(xs, batch_size=size), texts, args.text_batches,
+            args.one_by_one,
+        )
+        best = max((r for r in runs if r.mode == "batched"), key=lambda r: r.items_per_s)
+        print_share_of_peak(
+            name, lambda xs: minilm.encode_texts(xs, batch_size=best.batch_size), texts, best, device,
+            inner=384, cols=1536, precision=precision,
+        )
+        vectors[precision] = minilm.encode_texts(texts, batch_size=best.batch_size)
+        results += runs
+    if len(vectors) == 2:
+        a, b = vectors["fp32"], vectors["bf16"]
+        cosines = (a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        print(
+            f"  bf16 against fp32, per title ({len(texts)}): cosine min {cosines.min():.5f}, "
+            f"mean {cosines.mean():.5f} (kept: >= 0.999)",
+            flush=True,
+        )
     print(f"\n[{device}] clip-text, clip-image (ViT-B-32, {RANDOM_WEIGHTS})", flush=True)
     clip_text, clip_image = random_vit_b32(device)
     results += bench_encoder(
@@ -277,7 +301,7 @@ def summarize(results: list[Measurement]) -> list[dict]:
         single = next(r for r in runs if r.mode == "one-by-one")
         speedup = batched.items_per_s / single.items_per_s
         estimate_s = FOOD_KITCHEN_ITEMS / batched.items_per_s
-        label = "" if key[0] == "minilm-text" else f"  [{RANDOM_WEIGHTS}]"
+        label = "" if key[0].startswith("minilm-text") else f"  [{RANDOM_WEIGHTS}]"
         print(
             f"  {key[0]:<12} {key[1]:<5} batch {batched.batch_size:>4}: {batched.items_per_s:8.1f} items/s, "
             f"{speedup:5.1f}x one-by-one ({single.items_per_s:.1f}/s); all of Food-Kitchen in "
@@ -312,6 +336,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--one-by-one", type=int, default=32, help="items encoded one at a time")
     parser.add_argument("--text-batches", type=_ints, default=[16, 64, 256])
     parser.add_argument("--clip-batches", type=_ints, default=[16, 64])
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        choices=("fp32", "bf16"),
+        default=["fp32"],
+        help="MiniLM's precision(s); with both, the per-title cosine of the bf16 vectors against fp32's",
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run with few items")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)

@@ -225,6 +225,7 @@ def test_bf16_encoder_is_refused_where_the_cpu_has_no_native_bf16(monkeypatch):
     from cdsr_pipeline import hardware
 
     monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: False)
     with pytest.raises(EncoderConfigError, match="no native bf16"):
         EncoderSpec(backend="sentence_transformers", device="cpu", precision="bf16").resolved()
     with pytest.raises(EncoderConfigError, match="precision must be fp32 or bf16"):

@@ -273,17 +273,28 @@ def test_a_run_from_before_patience_left_the_identity_still_resumes(dataset, tmp
     assert _comparable(resumed).equals(_comparable(train_model(sequences, features, config, tmp_path / "fresh")))
 
 
-def test_precision_auto_means_bf16_only_where_the_device_multiplies_it_natively(monkeypatch):
+@pytest.mark.parametrize(
+    ("vendor", "flags", "auto", "bf16"),
+    [
+        ("GenuineIntel", "fma avx2", "fp32", None),  # no bf16 arithmetic: bf16 refused
+        ("AuthenticAMD", "fma avx2", "fp32", None),
+        ("GenuineIntel", "avx2 avx512f avx512_bf16", "fp32", "bf16"),  # native, but slower than fp32 without AMX
+        ("GenuineIntel", "avx2 avx512f avx512_bf16 amx_tile amx_bf16", "bf16", "bf16"),
+        ("AuthenticAMD", "avx2 avx512f avx512_bf16", "bf16", "bf16"),
+    ],
+)
+def test_precision_auto_means_bf16_only_where_it_is_faster_than_fp32(monkeypatch, vendor, flags, auto, bf16):
     from cdsr_pipeline import hardware
 
+    monkeypatch.setattr(hardware, "_cpuinfo", {"vendor_id": vendor, "flags": flags}.get)
     cpu = torch.device("cpu")
     assert hardware.resolve_precision("fp32", cpu) == "fp32"
-    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: False)
-    assert hardware.resolve_precision("auto", cpu) == "fp32"
-    with pytest.raises(ValueError, match="no native bf16"):
-        hardware.resolve_precision("bf16", cpu)
-    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: True)
-    assert hardware.resolve_precision("auto", cpu) == hardware.resolve_precision("bf16", cpu) == "bf16"
+    assert hardware.resolve_precision("auto", cpu) == auto
+    if bf16 is None:
+        with pytest.raises(ValueError, match="no native bf16"):
+            hardware.resolve_precision("bf16", cpu)
+    else:
+        assert hardware.resolve_precision("bf16", cpu) == bf16
     with pytest.raises(ValueError, match="precision must be one of"):
         TrainConfig(precision="fp16")
 

@@ -160,8 +160,9 @@ class TrainConfig:
         precision: arithmetic of the training step's matrix products. ``bf16``:
             autocast to bfloat16 (weights, optimizer state, softmax normalisers, the
             loss and every evaluation stay fp32); ``fp32``; ``auto`` (default): bf16
-            where the device has fast bf16 arithmetic (CUDA with bf16, CPUs with
-            AVX-512 BF16 or AMX), fp32 elsewhere. The precision used is part of the
+            where the device multiplies bf16 faster than fp32 (CUDA with bf16, CPUs
+            with AMX, AMD CPUs with AVX-512 BF16), fp32 elsewhere (Intel's AVX-512
+            BF16 without AMX is native but slower). The precision used is part of the
             run's identity (:func:`cdsr_pipeline.model.trainer.resolve_precision`).
         progress: tqdm progress bars.
         processes: data-parallel training processes (torchrun + DistributedDataParallel,
