@@ -1,8 +1,11 @@
 """Compare the runs of two sources by name: a report's ``metrics.json`` (its ``runs``)
-or a storage's training cache (``<storage>/cache/training/*/metrics.json``).
+or a storage's training cache (``<storage>/cache/training/*/metrics.json``). With one
+source, its finished runs alone (``--names``: these, in this order), for instance the
+rows of an ablation table whose asset has not finished every row yet.
 
     python scripts/compare_runs.py results/llmcdsr-food-kitchen/metrics.json ~/cdsr-release/food-kitchen \\
         --labels "AMD EPYC" "Intel Xeon" --markdown
+    python scripts/compare_runs.py ~/cdsr-release/food-kitchen --names "TEMA T4: original" "TEMA T4: +LLM matching"
 
 For each run present in both: the CPU it trained on, epochs run, best epoch, the
 validation mean MRR that selection saw (sampled protocol) and the test MRR of the best
@@ -45,29 +48,45 @@ def _row(metrics: dict) -> dict[str, float | int | str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("first", type=Path)
-    parser.add_argument("second", type=Path)
+    parser.add_argument("second", type=Path, nargs="?", help="absent: the first source's runs alone")
     parser.add_argument("--labels", nargs=2, default=["first", "second"])
+    parser.add_argument("--names", nargs="+", help="only these runs, in this order")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     args = parser.parse_args()
-    first, second = load_runs(args.first), load_runs(args.second)
-    names = [name for name in first if name in second]
+    for source in filter(None, (args.first, args.second)):
+        if not source.exists():
+            print(f"error: {source}: no such file or storage folder", file=sys.stderr)
+            return 2
+    first = load_runs(args.first)
+    second = load_runs(args.second) if args.second else None
+    names = [name for name in first if second is None or name in second]
+    if args.names:
+        absent = [name for name in args.names if name not in names]
+        if absent:
+            print(f"error: no finished run named {', '.join(map(repr, absent))} in {'both sources' if second else args.first}; "
+                  f"runs: {', '.join(map(repr, names))}", file=sys.stderr)
+            return 2
+        names = args.names
     if not names:
-        print("no run is in both sources", file=sys.stderr)
+        print("no run is in both sources" if second else f"no finished run in {args.first}", file=sys.stderr)
         return 2
     columns = list(_row(first[names[0]]))
     print("| run | " + " | ".join(f"{c}" for c in columns) + " |")
     print("|---|" + "---:|" * len(columns))
     for name in names:
-        a, b = _row(first[name]), _row(second[name])
+        a = _row(first[name])
+        b = _row(second[name]) if second is not None else None
         cells = []
         for column in columns:
-            x, y = a[column], b[column]
-            if isinstance(x, float):
-                cells.append(f"{x:.2f} / {y:.2f} ({y - x:+.2f})")
+            x = a[column]
+            if b is None:
+                cells.append(f"{x:.2f}" if isinstance(x, float) else f"{x}")
+            elif isinstance(x, float):
+                cells.append(f"{x:.2f} / {b[column]:.2f} ({b[column] - x:+.2f})")
             else:
-                cells.append(f"{x} / {y}")
+                cells.append(f"{x} / {b[column]}")
         print(f"| {name} | " + " | ".join(cells) + " |")
-    print(f"\n(each cell: {args.labels[0]} / {args.labels[1]} (difference); MRR in %)")
+    print(f"\n(each cell: {args.labels[0]} / {args.labels[1]} (difference); MRR in %)" if second else "\n(MRR in %)")
     return 0
 
 
