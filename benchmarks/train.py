@@ -31,6 +31,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -203,28 +204,39 @@ def measure(model_name: str, sequences: Path, features: FeatureInputs, args: arg
     model.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    profiler = step_profiler(device) if args.profile else contextlib.nullcontext()
     started = time.perf_counter()
-    for index, rows in enumerate(run, 1):
-        batch = make_batch(train, rows, domains, model.views)
-        for domain in (0, 1):  # matmuls of [queries, hidden] x [hidden, |D|] per tower:
-            # 3 when the logits are kept for backward, 4 when they are recomputed
-            queries = sum(len(q) for q in batch.domains[domain].query_rows.values())
-            matmuls = 3 if keeps_logits(queries, domains.sizes[domain], device) else 4
-            flop += matmuls * 2 * queries * hidden * domains.sizes[domain] * len(model.towers)
-        batch = batch.to(device)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = model.calculate_loss(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        sequences_run += len(rows)
-        positions_run += batch.num_examples
-        if args.progress:
-            rate = positions_run / (time.perf_counter() - started)
-            print(f"  {model_name}: batch {index}/{len(run)}, {rate:.0f} positions/s", file=sys.stderr, flush=True)
+    with profiler:
+        for index, rows in enumerate(run, 1):
+            batch = make_batch(train, rows, domains, model.views)
+            for domain in (0, 1):  # matmuls of [queries, hidden] x [hidden, |D|] per tower:
+                # 3 when the logits are kept for backward, 4 when they are recomputed
+                queries = sum(len(q) for q in batch.domains[domain].query_rows.values())
+                matmuls = 3 if keeps_logits(queries, domains.sizes[domain], device) else 4
+                flop += matmuls * 2 * queries * hidden * domains.sizes[domain] * len(model.towers)
+            batch = batch.to(device)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = model.calculate_loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sequences_run += len(rows)
+            positions_run += batch.num_examples
+            if args.progress:
+                rate = positions_run / (time.perf_counter() - started)
+                print(f"  {model_name}: batch {index}/{len(run)}, {rate:.0f} positions/s", file=sys.stderr, flush=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_seconds = time.perf_counter() - started
+    if args.profile:
+        mm_share = print_step_profile(profiler, model_name, precision, train_seconds)
+        step_gflop = counted_step_gflop(model, optimizer, train, run[0], domains, device, precision)
+        achieved = step_gflop * len(run) / (mm_share * train_seconds)
+        print(
+            f"    every matrix product of a step (FlopCounterMode, one batch): {step_gflop:.0f} GFLOP; over the "
+            f"products' share of the time: {achieved:.0f} GFLOP/s = "
+            f"{achieved / matmul_peak(device, precision, hidden, domains.sizes[1]):.0%} of the peak at the hot shape"
+        )
     total_positions = train.num_examples
     epoch_seconds = train_seconds * total_positions / positions_run
 
@@ -258,6 +270,40 @@ def measure(model_name: str, sequences: Path, features: FeatureInputs, args: arg
         peak_cuda_mib=torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
         matmul_peak_gflops=matmul_peak(device, precision, hidden, domains.sizes[1]),
     )
+
+
+def step_profiler(device: torch.device):
+    """torch.profiler over the timed batches (its overhead inflates the timing: a breakdown, not a rate)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else []))
+
+
+def print_step_profile(profiler, model_name: str, precision: str, seconds: float, rows: int = 12) -> float:
+    """Where the training step's time goes: the ops with the most self time, as shares of
+    the total; returns the matrix products' share (``mm``, ``addmm``, ``bmm``)."""
+    averages = profiler.key_averages()
+    total = sum(event.self_cpu_time_total for event in averages) or 1
+    print(f"  {model_name} ({precision}) step profile over {seconds:.1f} s, self CPU time by op:")
+    for event in sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]:
+        print(f"    {event.key:<48} {event.self_cpu_time_total / total:6.1%}  {event.count:>6} calls")
+    products = ("aten::mm", "aten::addmm", "aten::bmm")
+    return sum(event.self_cpu_time_total for event in averages if event.key in products) / total
+
+
+def counted_step_gflop(model, optimizer, train, rows, domains, device: torch.device, precision: str) -> float:
+    """FLOPs of one training step (forward and backward) as torch counts them, every
+    matrix product included (encoders, towers, scoring); the step is taken, untimed."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = make_batch(train, rows, domains, model.views).to(device)
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = model.calculate_loss(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    optimizer.step()
+    return counter.get_total_flops() / 1e9
 
 
 def matmul_peak(device: torch.device, precision: str, hidden: int, candidates: int, queries: int = 4096) -> float:
@@ -319,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         "--precision", default="auto", choices=["auto", "fp32", "bf16"], help="as the trainer's precision (auto: bf16 where native)"
     )
     parser.add_argument("--progress", action="store_true", help="print throughput after every batch")
+    parser.add_argument("--profile", action="store_true", help="also print where the step's time goes (torch.profiler)")
     parser.add_argument("--json", type=Path, help="also write the measurements here")
     parser.add_argument(
         "--nproc", type=int,
