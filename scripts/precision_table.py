@@ -83,7 +83,7 @@ def pair_table(fp32: pl.DataFrame, bf16: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def format_pair(name: str, table: pl.DataFrame) -> str:
+def format_pair(name: str, table: pl.DataFrame, timing_note: str = "") -> str:
     lines = [
         f"### {name}: fp32 vs bf16, same seed, {table.height} epochs",
         "",
@@ -107,7 +107,7 @@ def format_pair(name: str, table: pl.DataFrame) -> str:
         f"bf16 {best16['epoch']} ({best16['valid_sampled_mean_mrr_bf16']:.4f})",
         f"- training seconds per epoch (mean): fp32 {table['train_seconds'].mean():.1f}, "
         f"bf16 {table['train_seconds_bf16'].mean():.1f} "
-        f"({table['train_seconds'].mean() / table['train_seconds_bf16'].mean():.2f}x)",
+        f"({table['train_seconds'].mean() / table['train_seconds_bf16'].mean():.2f}x){timing_note}",
         "",
     ]
     return "\n".join(lines)
@@ -130,7 +130,8 @@ def main() -> None:
             if run["precision"] == "bf16" and run["unnamed_key"] == reference["unnamed_key"]:
                 table = pair_table(reference["epochs"], run["epochs"])
                 if table.height:
-                    sections.append(format_pair(f"{reference['name']} (fp32, {args.fp32_from[0]}) and {run['name']} (bf16)", table))
+                    name = f"{reference['name']} (fp32, {args.fp32_from[0]}) and {run['name']} (bf16)"
+                    sections.append(format_pair(name, table, "; two trainings, perhaps on two machines: not a speed comparison"))
     else:
         for key in dict.fromkeys(r["key"] for r in runs):
             by_precision = {r["precision"]: r for r in runs if r["key"] == key}

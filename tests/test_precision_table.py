@@ -57,7 +57,7 @@ def test_a_bf16_run_is_paired_with_the_reports_fp32_curve_of_the_same_config(tmp
     assert "other seed" not in done.stdout
     assert "| 1 | 0.1100 | 0.1200 | +0.0100 | 0.0300 | 0.0300 | +0.0000 |" in done.stdout
     assert "| 2 | 0.2100 | 0.2000 | -0.0100 |" in done.stdout and "| 3 |" not in done.stdout  # the epochs both ran
-    assert "fp32 200.0, bf16 100.0 (2.00x)" in done.stdout
+    assert "fp32 200.0, bf16 100.0 (2.00x); two trainings, perhaps on two machines" in done.stdout
 
 
 def test_no_matching_run_or_name_is_a_clear_error(tmp_path):
