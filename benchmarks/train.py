@@ -215,11 +215,7 @@ def measure(model_name: str, sequences: Path, features: FeatureInputs, args: arg
                 matmuls = 3 if keeps_logits(queries, domains.sizes[domain], device) else 4
                 flop += matmuls * 2 * queries * hidden * domains.sizes[domain] * len(model.towers)
             batch = batch.to(device)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                loss = model.calculate_loss(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            train_step(model, optimizer, batch, device, precision)
             sequences_run += len(rows)
             positions_run += batch.num_examples
             if args.progress:
@@ -228,14 +224,14 @@ def measure(model_name: str, sequences: Path, features: FeatureInputs, args: arg
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_seconds = time.perf_counter() - started
+    peak = matmul_peak(device, precision, hidden, domains.sizes[1])
     if args.profile:
         mm_share = print_step_profile(profiler, model_name, precision, train_seconds)
-        step_gflop = counted_step_gflop(model, optimizer, train, run[0], domains, device, precision)
+        step_gflop = counted_step_gflop(model, optimizer, make_batch(train, run[0], domains, model.views).to(device), device, precision)
         achieved = step_gflop * len(run) / (mm_share * train_seconds)
         print(
             f"    every matrix product of a step (FlopCounterMode, one batch): {step_gflop:.0f} GFLOP; over the "
-            f"products' share of the time: {achieved:.0f} GFLOP/s = "
-            f"{achieved / matmul_peak(device, precision, hidden, domains.sizes[1]):.0%} of the peak at the hot shape"
+            f"products' share of the time: {achieved:.0f} GFLOP/s = {achieved / peak:.0%} of the peak at the hot shape"
         )
     total_positions = train.num_examples
     epoch_seconds = train_seconds * total_positions / positions_run
@@ -268,7 +264,7 @@ def measure(model_name: str, sequences: Path, features: FeatureInputs, args: arg
         eval_seconds=eval_seconds,
         peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         peak_cuda_mib=torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
-        matmul_peak_gflops=matmul_peak(device, precision, hidden, domains.sizes[1]),
+        matmul_peak_gflops=peak,
     )
 
 
@@ -291,18 +287,22 @@ def print_step_profile(profiler, model_name: str, precision: str, seconds: float
     return sum(event.self_cpu_time_total for event in averages if event.key in products) / total
 
 
-def counted_step_gflop(model, optimizer, train, rows, domains, device: torch.device, precision: str) -> float:
+def train_step(model, optimizer, batch, device: torch.device, precision: str) -> None:
+    """One optimizer step on ``batch``, the products in bf16 autocast when ``precision`` is bf16."""
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = model.calculate_loss(batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def counted_step_gflop(model, optimizer, batch, device: torch.device, precision: str) -> float:
     """FLOPs of one training step (forward and backward) as torch counts them, every
     matrix product included (encoders, towers, scoring); the step is taken, untimed."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    batch = make_batch(train, rows, domains, model.views).to(device)
     with FlopCounterMode(display=False) as counter:
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = model.calculate_loss(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-    optimizer.step()
+        train_step(model, optimizer, batch, device, precision)
     return counter.get_total_flops() / 1e9
 
 
