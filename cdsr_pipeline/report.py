@@ -268,7 +268,14 @@ def write_report(
         doc.heading(2, "Ablations")
         for group in groups:
             doc.heading(3, group)
-            doc.table(*_ablation_table([r for r in results if r.config.ablation_group == group], names))
+            rows = [r for r in results if r.config.ablation_group == group]
+            doc.table(*_ablation_table(rows, names))
+            if _same_runs(rows):
+                doc.paragraph(
+                    "A row marked \"the same run as\" differs from that row only by a tower whose features no item "
+                    "has (no images in this data): a model leaves such a tower out, so the two rows are one model, "
+                    "trained once."
+                )
 
     markdown, html_path = out_dir / "report.md", out_dir / "report.html"
     summary = metrics_summary(results, stats, missing) | {"paired_against_reference": {"reference": REFERENCE_RUN, "runs": paired}}
@@ -694,6 +701,19 @@ def _figures(results: list[TrainResult], names: dict, out_dir: Path) -> list[tup
     return figures
 
 
+def _same_runs(results: list[TrainResult]) -> dict[str, str]:
+    """Rows that are the same run as an earlier row (the same identity and input files),
+    by name: which earlier row each one is."""
+    first: dict[str, str] = {}
+    same = {}
+    for r in results:
+        key = json.dumps({"config": r.config.identity_hash(), "features": r.metrics.get("features")}, sort_keys=True)
+        earlier = first.setdefault(key, r.name)
+        if earlier != r.name:
+            same[r.name] = earlier
+    return same
+
+
 def _ablation_table(results: list[TrainResult], names: dict) -> tuple[list[str], list[list[str]]]:
     # the validation MRR that selected each row's checkpoint: the variants are compared
     # on it first (a test difference within the seed spread is not a result)
@@ -701,6 +721,7 @@ def _ablation_table(results: list[TrainResult], names: dict) -> tuple[list[str],
         f"MRR {names[k]} ({p})" for p in ("sampled", "full") for k in DOMAIN_KEYS
     ]
     rows = []
+    same = _same_runs(results)
     for r in results:
         m = r.metrics
         protocol = r.config.selection_protocol
@@ -709,7 +730,7 @@ def _ablation_table(results: list[TrainResult], names: dict) -> tuple[list[str],
         full = [m["best_checkpoint"]["test"][k]["full"]["mrr"] for k in DOMAIN_KEYS]
         tag_source = m["features"]["provenance"].get("tag", "-") if "tag" in m["model_summary"]["towers"] else "-"
         rows.append(
-            [r.name, ", ".join(m["model_summary"]["towers"]), "+".join(m["model_summary"]["views"]), tag_source]
+            [r.name + (f" (the same run as {same[r.name]})" if r.name in same else ""), ", ".join(m["model_summary"]["towers"]), "+".join(m["model_summary"]["views"]), tag_source]
             + [f"{_percent(valid)} ({protocol})"]
             + [_percent(v) for v in sampled + full]
         )

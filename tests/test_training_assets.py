@@ -165,3 +165,54 @@ def test_extra_seeds_add_runs_named_by_their_seed():
     configs = TrainingSettings(extra_seeds=[0, 1, 2, 1]).run_configs(plan_runs(["sasrec"]))
     assert [(c.name, c.seed) for c in configs] == [("SASRec", 0), ("SASRec (seed 1)", 1), ("SASRec (seed 2)", 2)]
     assert len({c.identity_hash() for c in configs}) == 3
+
+
+def test_ablation_rows_that_differ_by_an_absent_tower_share_one_config():
+    from cdsr_pipeline.model.config import PRESETS
+    from cdsr_pipeline.model.runs import ablation_rows
+
+    with_images = ablation_rows("llm_emf_table4")
+    assert len({m for m in with_images.values()}) == 6
+    without = ablation_rows("llm_emf_table4", frozenset({"img"}))
+    assert without["original"] == without["+visual"] == with_images["+visual"]
+    assert without["+text"] == without["+text+visual"] == PRESETS["llm_emf_title"]  # reuses that model asset's run
+    assert without["+text+llm"] == without["full (LLM-EMF)"] == PRESETS["llm_emf"]
+    # only the modalities may differ: TEMA Table IV's single-view rows keep multi_attention off
+    assert ablation_rows("tema_table4", frozenset({"img", "llm"})) == ablation_rows("tema_table4")
+
+
+def test_llm_emf_table4_without_images_trains_three_runs_and_reports_six_rows(tmp_path):
+    import dataclasses
+
+    from model_synthetic import write_synthetic_features, write_synthetic_sequences
+
+    from cdsr_pipeline.model import TrainConfig
+    from cdsr_pipeline.model.data import FeatureInputs
+    from cdsr_pipeline.model.runs import plan_runs, train_runs
+    from cdsr_pipeline.report import _ablation_table
+
+    sequences = write_synthetic_sequences(tmp_path / "sequences", names=("Food", "Kitchen"))
+    features = write_synthetic_features(tmp_path / "features", num_items=50)  # no image features
+    specs = plan_runs([], ["llm_emf_table4"], absent=frozenset({"img"}))
+    configs = [
+        TrainConfig(
+            model=dataclasses.replace(s.model, hidden_dim=16), name=s.name, ablation_group=s.ablation_group,
+            epochs=1, num_negatives=20, num_threads=1, progress=False,
+        )
+        for s in specs
+    ]
+
+    def inputs_of(config):
+        used = set(config.model.modalities)
+        return FeatureInputs(tex=features.tex if "tex" in used else None, llm=features.llm if "llm" in used else None), {"seq": "1"}
+
+    messages = []
+    results = train_runs(configs, inputs_of, sequences, tmp_path / "cache", tmp_path / "out", messages.append)
+    assert sum("its files are reused" in m for m in messages) == 3
+    by_name = {r.name.removeprefix("LLM-EMF T4: "): r for r in results}
+    for row, twin in (("+visual", "original"), ("+text+visual", "+text"), ("full (LLM-EMF)", "+text+llm")):
+        assert by_name[row].metrics["best_checkpoint"] == by_name[twin].metrics["best_checkpoint"]
+    _, rows = _ablation_table(results, {"A": "Food", "B": "Kitchen"})
+    variants = [row[0] for row in rows]
+    assert variants[3] == "LLM-EMF T4: +visual (the same run as LLM-EMF T4: original)"
+    assert sum("the same run as" in v for v in variants) == 3

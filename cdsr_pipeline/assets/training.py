@@ -158,11 +158,18 @@ class TrainingAsset:
         if self.uses_tags():
             tag_config = inputs.manifest("item_tag_matrix").config
             selection, representation = tag_config.get("selection"), tag_config.get("representation")
+        deps = self.deps()
+        absent = frozenset(
+            modality
+            for modality, asset in FEATURE_ASSETS.items()
+            if asset in deps and not inputs.manifest(asset).metadata.get("present")
+        )
         return plan_runs(
             self.plan,
             (self.ablation,) if self.ablation else (),
             selection=selection or "hybrid",
             representation=representation or "weighted",
+            absent=absent,
         )
 
 
