@@ -36,7 +36,7 @@ from .model.data import load_sequences  # noqa: E402
 from .model.evaluate import DOMAIN_KEYS, PROTOCOLS, metric_column  # noqa: E402
 from .model.metrics import METRICS, mrr, paired_mrr_difference  # noqa: E402
 from .model.config import config_to_dict  # noqa: E402
-from .model.runs import without_seed  # noqa: E402
+from .model.runs import SINGLE_DOMAIN_SUFFIX, plan_runs, without_seed  # noqa: E402
 from .model.trainer import TEST_RANKS_FILE, TrainResult  # noqa: E402
 
 METRIC_LABELS = {"mrr": "MRR", "ndcg_5": "NDCG@5", "ndcg_10": "NDCG@10", "hr_10": "HR@10"}
@@ -268,7 +268,7 @@ def write_report(
         doc.heading(2, "Ablations")
         for group in groups:
             doc.heading(3, group)
-            rows = [r for r in results if r.config.ablation_group == group]
+            rows = _in_table_order([r for r in results if r.config.ablation_group == group], group)
             doc.table(*_ablation_table(rows, names))
             if _same_runs(rows):
                 doc.paragraph(
@@ -699,6 +699,18 @@ def _figures(results: list[TrainResult], names: dict, out_dir: Path) -> list[tup
         plt.close(fig)
         figures.append((path, "Validation mean MRR of every trained run"))
     return figures
+
+
+def _in_table_order(results: list[TrainResult], group: str) -> list[TrainResult]:
+    """An ablation table's runs in the paper's row order (the order of :func:`plan_runs`),
+    each row's extra runs (seeds, single-domain users) after it."""
+    order = {spec.name: index for index, spec in enumerate(plan_runs([], [group]))}
+
+    def position(result: TrainResult) -> tuple[int, str]:
+        row = without_seed(result.name).removesuffix(SINGLE_DOMAIN_SUFFIX)
+        return order.get(row, len(order)), result.name
+
+    return sorted(results, key=position)
 
 
 def _same_runs(results: list[TrainResult]) -> dict[str, str]:

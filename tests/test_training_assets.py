@@ -216,3 +216,17 @@ def test_llm_emf_table4_without_images_trains_three_runs_and_reports_six_rows(tm
     variants = [row[0] for row in rows]
     assert variants[3] == "LLM-EMF T4: +visual (the same run as LLM-EMF T4: original)"
     assert sum("the same run as" in v for v in variants) == 3
+
+
+def test_ablation_table_rows_follow_the_papers_order(tmp_path):
+    from types import SimpleNamespace
+
+    from cdsr_pipeline.report import _in_table_order
+
+    names = ["TEMA T4: +LLM matching", "TEMA T4: +multi-attention (TEMA-LLM)", "TEMA T4: original (seed 1)",
+             "TEMA T4: original", "TEMA T4: +tag embedding (static tags)"]
+    rows = [SimpleNamespace(name=name) for name in names]  # the folders' alphabetical order
+    assert [r.name for r in _in_table_order(rows, "tema_table4")] == [
+        "TEMA T4: original", "TEMA T4: original (seed 1)", "TEMA T4: +tag embedding (static tags)",
+        "TEMA T4: +LLM matching", "TEMA T4: +multi-attention (TEMA-LLM)",
+    ]

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from ..data.ingest import INTERACTIONS_FILE, ITEMS_FILE, QUARANTINE_FILE
 from ..data.schema import AUGMENTED_TEXT, DOMAIN_TAGS, ITEM_TAG_SCORES, ITEMS, TAG_VOCABULARY
 from ..data.sequences import DOMAINS_FILE, ITEMS_OUT, STATS_FILE
+from ..features.tag_matrix import STATIC_VARIANT
 from ..model import FeatureInputs
 from ..model.runs import RunSpec
 from ..storage import Manifest
@@ -181,7 +182,12 @@ def run_feature_inputs(inputs: AssetFiles, spec: RunSpec) -> tuple[FeatureInputs
         versions["item_tag_matrix"] = matrix.data_version
         versions["domain_tag_vocabularies"] = vocab.data_version
         llm = vocab.metadata.get("llm", {})
-        provenance["tag"] = f"tag matrix '{spec.tags}' (vocabulary and scores by {llm.get('backend', '?')} {llm.get('model', '?')})"
+        by = f"{llm.get('backend', '?')} {llm.get('model', '?')}"
+        provenance["tag"] = (
+            f"tag matrix '{spec.tags}' (keyword matches of the titles against the vocabulary by {by})"
+            if spec.tags == STATIC_VARIANT
+            else f"tag matrix '{spec.tags}' (vocabulary and scores by {by})"
+        )
     if "llm" in provenance:
         augmenter = inputs.manifest("llm_augmented_text").metadata.get("llm", {})
         provenance["llm"] += f" of text by {augmenter.get('backend', '?')} {augmenter.get('model', '?')}"
