@@ -36,7 +36,7 @@ from .model.data import load_sequences  # noqa: E402
 from .model.evaluate import DOMAIN_KEYS, PROTOCOLS, metric_column  # noqa: E402
 from .model.metrics import METRICS, mrr, paired_mrr_difference  # noqa: E402
 from .model.config import config_to_dict  # noqa: E402
-from .model.runs import SINGLE_DOMAIN_SUFFIX, plan_runs, without_seed  # noqa: E402
+from .model.runs import ABLATION_GROUPS, SINGLE_DOMAIN_SUFFIX, plan_runs, without_seed  # noqa: E402
 from .model.trainer import TEST_RANKS_FILE, TrainResult  # noqa: E402
 
 METRIC_LABELS = {"mrr": "MRR", "ndcg_5": "NDCG@5", "ndcg_10": "NDCG@10", "hr_10": "HR@10"}
@@ -704,13 +704,14 @@ def _figures(results: list[TrainResult], names: dict, out_dir: Path) -> list[tup
 def _in_table_order(results: list[TrainResult], group: str) -> list[TrainResult]:
     """An ablation table's runs in the paper's row order (the order of :func:`plan_runs`),
     each row's extra runs (seeds, single-domain users) after it."""
-    order = {spec.name: index for index, spec in enumerate(plan_runs([], [group]))}
+    known = group in ABLATION_GROUPS  # a group of the caller's own keeps the runs' order
+    order = {spec.name: index for index, spec in enumerate(plan_runs([], [group]))} if known else {}
 
     def position(result: TrainResult) -> tuple[int, str]:
         row = without_seed(result.name).removesuffix(SINGLE_DOMAIN_SUFFIX)
         return order.get(row, len(order)), result.name
 
-    return sorted(results, key=position)
+    return sorted(results, key=position) if known else list(results)
 
 
 def _same_runs(results: list[TrainResult]) -> dict[str, str]:
