@@ -704,24 +704,24 @@ def _figures(results: list[TrainResult], names: dict, out_dir: Path) -> list[tup
 def _in_table_order(results: list[TrainResult], group: str) -> list[TrainResult]:
     """An ablation table's runs in the paper's row order (the order of :func:`plan_runs`),
     each row's extra runs (seeds, single-domain users) after it."""
-    known = group in ABLATION_GROUPS  # a group of the caller's own keeps the runs' order
-    order = {spec.name: index for index, spec in enumerate(plan_runs([], [group]))} if known else {}
+    if group not in ABLATION_GROUPS:  # a group of the caller's own keeps the runs' order
+        return list(results)
+    order = {spec.name: index for index, spec in enumerate(plan_runs([], [group]))}
 
     def position(result: TrainResult) -> tuple[int, str]:
         row = without_seed(result.name).removesuffix(SINGLE_DOMAIN_SUFFIX)
         return order.get(row, len(order)), result.name
 
-    return sorted(results, key=position) if known else list(results)
+    return sorted(results, key=position)
 
 
 def _same_runs(results: list[TrainResult]) -> dict[str, str]:
-    """Rows that are the same run as an earlier row (the same identity and input files),
-    by name: which earlier row each one is."""
+    """Rows that are the same run as an earlier row (the identity the trainer recorded:
+    config, precision and a digest of every input file), by name: which earlier row each one is."""
     first: dict[str, str] = {}
     same = {}
     for r in results:
-        key = json.dumps({"config": r.config.identity_hash(), "features": r.metrics.get("features")}, sort_keys=True)
-        earlier = first.setdefault(key, r.name)
+        earlier = first.setdefault(r.metrics["identity"], r.name)
         if earlier != r.name:
             same[r.name] = earlier
     return same
