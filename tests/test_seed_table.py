@@ -58,3 +58,15 @@ def test_bad_arguments_are_one_line(tmp_path):
     assert taken.returncode == 2 and "already in" in taken.stderr
     folder = _table(tmp_path, "--add", str(tmp_path), "TEMA-LLM", "TEMA-LLM (seed 2)")
     assert folder.returncode == 2 and "not a report's metrics.json" in folder.stderr
+
+
+def test_the_plot_is_a_png_of_the_rows_asked_for(tmp_path):
+    figure = tmp_path / "figures" / "seeds.png"
+    done = _table(tmp_path, "--plot", str(figure), "--plot-models", "TEMA-LLM", "SASRec", "--title", "demo")
+    assert done.returncode == 0, done.stderr
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in figure.parent.iterdir()] == ["seeds.png"]  # no temporary file left
+    unknown = _table(tmp_path, "--plot", str(figure), "--plot-models", "GRU4Rec")
+    assert unknown.returncode == 2 and "no row 'GRU4Rec'" in unknown.stderr and "Traceback" not in unknown.stderr
+    not_png = _table(tmp_path, "--plot", str(tmp_path / "seeds.pdf"))
+    assert not_png.returncode == 2 and "give a .png file name" in not_png.stderr
