@@ -426,13 +426,20 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .model.recommend import load_run
+    from .model.recommend import RecommendError, load_run
     from .serve import serve
 
+    if args.workers < 1:
+        raise RecommendError(f"--workers must be at least 1, not {args.workers}")
     storage = _storage_root(args)
-    run = load_run(find_run(storage, args.run))
-    print(f"serving run {run.name} ({run.folder}) on http://{args.host}:{args.port}")
-    serve(run, host=args.host, port=args.port)
+    folder = find_run(storage, args.run)
+    if args.workers == 1:
+        run = load_run(folder)
+        print(f"serving run {run.name} ({run.folder}) on http://{args.host}:{args.port}")
+        serve(run, host=args.host, port=args.port)
+    else:  # each worker process loads the run itself
+        print(f"serving run {folder.name} on http://{args.host}:{args.port} with {args.workers} worker processes")
+        serve(folder, host=args.host, port=args.port, workers=args.workers)
     return 0
 
 
@@ -491,6 +498,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--run", help="run name or folder name; default: best by validation MRR")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument(
+        "--workers", type=int, default=1, metavar="N",
+        help="server processes sharing the port, each with its own copy of the model and cores/N torch threads "
+        "(default 1; on 2 cores, 2 answer about 1.5x the requests/s of 1)",
+    )
     srv.add_argument("--storage", help="storage root (default: $CDSR_STORAGE or ./storage)")
     srv.set_defaults(func=cmd_serve)
 

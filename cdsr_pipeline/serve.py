@@ -5,10 +5,16 @@
 - ``GET /items/{id}``: an item by global id or source id (ASIN).
 - ``GET /health``: the run's name, config digest and the data versions it was trained on.
 
-The model is loaded once (``weights_only=True``). Concurrent requests are batched: a
-request waits at most ``max_wait_ms`` for others, and up to ``max_batch`` are scored in
-one forward pass per target domain, off the event loop. A bad request gets a 4xx with
-``{"error": "..."}`` naming the problem; nothing a client sends names a file.
+The model is loaded once per process (``weights_only=True``). Concurrent requests are
+batched: a request waits at most ``max_wait_ms`` for others, and up to ``max_batch`` are
+scored in one forward pass per target domain, off the event loop. A bad request gets a
+4xx with ``{"error": "..."}`` naming the problem; nothing a client sends names a file.
+
+``workers > 1`` runs that many server processes on one listening socket (uvicorn's
+supervisor, which restarts a worker that dies), each with its own copy of the model and
+``cores // workers`` torch threads: a process's HTTP and JSON work holds its interpreter's
+lock while its forward pass runs, so on 2 cores two single-threaded workers answer about
+1.5x the requests of one two-threaded process (``benchmarks/serve.py``).
 """
 
 from __future__ import annotations
@@ -17,14 +23,17 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from .model.recommend import LoadedRun, Query, RecommendError, answer_queries, make_query
+from .model.recommend import LoadedRun, Query, RecommendError, answer_queries, load_run, make_query
 from .storage import MANIFEST_NAME
 
 log = logging.getLogger(__name__)
@@ -161,7 +170,56 @@ def create_app(run: LoadedRun, *, max_batch: int = 64, max_wait_ms: float = 2.0)
     return app
 
 
-def serve(run: LoadedRun, host: str = "127.0.0.1", port: int = 8000) -> None:
+RUN_ENV = "CDSR_SERVE_RUN"
+THREADS_ENV = "CDSR_SERVE_THREADS"
+"""How the parent of ``workers > 1`` tells each worker process its run folder and torch threads."""
+
+
+def app_from_environment() -> Starlette:
+    """The app of the run folder named by ``$CDSR_SERVE_RUN``: what each worker process
+    builds (uvicorn's workers import their app by name: it cannot be handed over as an object)."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get(THREADS_ENV, "1")))
+    return create_app(load_run(os.environ[RUN_ENV]))
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` for worker processes to share.
+
+    Made with protocol ``IPPROTO_TCP`` (the one uvicorn binds for ``--workers`` has
+    protocol 0): asyncio turns Nagle's algorithm off (``TCP_NODELAY``) only on connections
+    accepted from a socket that says it is TCP. With Nagle on, the body of a response,
+    written after its headers, waits for the client's delayed acknowledgement: about
+    40 ms added to every request on loopback."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise RecommendError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(run: LoadedRun | Path, host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
+    """Serve a run until interrupted: in this process, or in ``workers`` processes (each
+    loads the run's folder itself)."""
     import uvicorn
 
-    uvicorn.run(create_app(run), host=host, port=port, log_level="info")
+    if workers < 1:
+        raise RecommendError(f"workers must be at least 1, not {workers}")
+    if workers == 1:
+        uvicorn.run(create_app(run if isinstance(run, LoadedRun) else load_run(run)), host=host, port=port, log_level="info")
+        return
+    from uvicorn.supervisors import Multiprocess
+
+    folder = run.folder if isinstance(run, LoadedRun) else Path(run)
+    os.environ[RUN_ENV] = str(folder.resolve())
+    os.environ[THREADS_ENV] = str(max(1, (os.cpu_count() or 1) // workers))
+    config = uvicorn.Config(
+        f"{__name__}:app_from_environment", factory=True, host=host, port=port, workers=workers, log_level="info"
+    )
+    Multiprocess(config, sockets=[listening_socket(host, port)]).run()

@@ -224,3 +224,90 @@ def test_http_api_answers_like_the_library_and_refuses_bad_requests(first_run):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_connections_accepted_from_the_workers_socket_have_nagle_off():
+    """The socket ``cdsr serve --workers N`` shares: asyncio sets TCP_NODELAY on what it
+    accepts (a response's body then goes out without waiting for the client's delayed ACK)."""
+    import asyncio
+    import socket
+
+    from cdsr_pipeline.serve import listening_socket
+
+    sock = listening_socket("127.0.0.1", 0)
+
+    async def accepted_options() -> list[int]:
+        seen: list[int] = []
+        accepted = asyncio.Event()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport):
+                seen.append(transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                accepted.set()
+
+        server = await asyncio.get_running_loop().create_server(Probe, sock=sock)
+        async with server:
+            _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+            await asyncio.wait_for(accepted.wait(), 10)
+            writer.close()
+        return seen
+
+    assert asyncio.run(accepted_options()) == [1]
+
+
+def test_serve_with_two_worker_processes_answers_like_the_library(first_run):
+    import asyncio
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from cdsr_pipeline.cli import find_run, main
+    from cdsr_pipeline.model.recommend import load_run, recommend
+
+    storage, _ = first_run
+    assert main(["serve", "--storage", str(storage), "--workers", "0"]) == 2  # one line, no server
+    run = load_run(find_run(storage, "TEMA-LLM"))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "cdsr_pipeline.cli", "serve", "--storage", str(storage), "--run", "TEMA-LLM"]
+    server = subprocess.Popen(
+        [*command, "--port", str(port), "--workers", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180  # two processes import torch and load the run
+        while True:
+            assert server.poll() is None, server.stdout.read()
+            try:
+                if httpx.get(f"{base}/health").json()["run"] == "TEMA-LLM":
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the workers did not start"
+            time.sleep(0.5)
+        histories = [[0, 1, 15], [2, 14], [3], [13, 4, 5], [6, 7], [8]]
+        expected = [[r.to_dict() for r in recommend(run, h, "B", 5)] for h in histories]
+
+        async def concurrent():
+            async with httpx.AsyncClient(base_url=base) as client:
+                replies = await asyncio.gather(
+                    *(client.post("/recommend", json={"history": h, "domain": "B", "k": 5}) for h in histories)
+                )
+            return [reply.json()["recommendations"] for reply in replies]
+
+        for got, want in zip(asyncio.run(concurrent()), expected, strict=True):
+            assert [r["item_id"] for r in got] == [r["item_id"] for r in want]
+            assert [r["score"] for r in got] == pytest.approx([r["score"] for r in want], rel=1e-5)
+        assert httpx.post(f"{base}/recommend", content=b"{not json").status_code == 400
+    finally:
+        os.killpg(server.pid, signal.SIGINT)  # the supervisor stops its workers
+        output = server.communicate(timeout=60)[0]
+    assert output.count("Started server process") == 2, output
+    assert server.returncode == 0, output
