@@ -425,6 +425,34 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_towers(args: argparse.Namespace) -> int:
+    from .model.data import load_sequences
+    from .model.diagnostics import ALL_TOWERS, NoTowersError, random_mrr, tower_contributions
+    from .model.recommend import RecommendError, load_run
+
+    run = load_run(find_run(_storage_root(args), args.run))
+    sequences = Path(json.loads((run.folder / "config.json").read_text())["sequences_dir"])
+    arrays = load_sequences(sequences, args.split, max_len=run.max_len)
+    try:
+        rows = tower_contributions(run.model, arrays, run.domains)
+    except NoTowersError as error:
+        raise RecommendError(f"run {run.name}: {error}") from None
+    if args.json:
+        print(json.dumps({"run": run.name, "split": args.split, "towers": [row.to_dict() for row in rows]}, indent=2))
+        return 0
+    chance = ", ".join(f"{name} {100 * random_mrr(size):.2f}" for name, size in zip(run.domains.names, run.domains.sizes, strict=True))
+    print(f"run {run.name} ({run.folder}); {args.split} rows; full ranking over the target domain's items")
+    print(f"(a random ranking's MRR (%): {chance})")
+    print("| domain | tower | rows | MRR ranked by it alone (%) | share of the top-10 scores |")
+    print("|---|---|---:|---:|---:|")
+    for row in rows:
+        name = run.domains.names["AB".index(row.domain)]
+        share = "-" if row.top10_share is None else f"{row.top10_share:.3f}"
+        tower = "all (the run's ranking)" if row.tower == ALL_TOWERS else row.tower
+        print(f"| {name} | {tower} | {row.rows} | {100 * row.mrr_alone:.2f} | {share} |")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .model.recommend import RecommendError, load_run
     from .serve import serve
@@ -493,6 +521,15 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--json", action="store_true")
     rec.add_argument("--storage", help="storage root (default: $CDSR_STORAGE or ./storage)")
     rec.set_defaults(func=cmd_recommend)
+
+    towers = sub.add_parser(
+        "towers", help="what each tower of a trained run contributes: MRR ranked by it alone, its share of the top-10 scores"
+    )
+    towers.add_argument("--run", help="run name as in the report or its folder name; default: best by validation MRR")
+    towers.add_argument("--split", choices=["valid", "test"], default="test")
+    towers.add_argument("--json", action="store_true")
+    towers.add_argument("--storage", help="storage root (default: $CDSR_STORAGE or ./storage)")
+    towers.set_defaults(func=cmd_towers)
 
     srv = sub.add_parser("serve", help="a trained run behind an HTTP JSON API (POST /recommend, GET /items/ID, GET /health)")
     srv.add_argument("--run", help="run name or folder name; default: best by validation MRR")

@@ -157,6 +157,35 @@ def test_recommend_matches_full_sort_predict_and_explains_with_tags(first_run, c
     assert capsys.readouterr().err.startswith("error: unknown item ids: nosuch")
 
 
+def test_towers_split_the_runs_ranking_and_together_give_its_evaluation(first_run, capsys):
+    import json
+
+    from cdsr_pipeline.cli import find_run, main
+    from cdsr_pipeline.model.data import load_sequences
+    from cdsr_pipeline.model.diagnostics import random_mrr, tower_contributions
+    from cdsr_pipeline.model.recommend import load_run
+
+    storage, _ = first_run
+    folder = find_run(storage, "TEMA-LLM")
+    run = load_run(folder)
+    sequences = Path(json.loads((folder / "config.json").read_text())["sequences_dir"])
+    rows = tower_contributions(run.model, load_sequences(sequences, "test", max_len=run.max_len), run.domains)
+    metrics = json.loads((folder / "metrics.json").read_text())["best_checkpoint"]["test"]
+    for domain in "AB":
+        mine = {row.tower: row for row in rows if row.domain == domain}
+        assert set(mine) == {*run.model.towers, "all"}
+        # the towers' parts together rank exactly as the evaluation did
+        assert mine["all"].mrr_alone == pytest.approx(metrics[domain]["full"]["mrr"], abs=1e-9)
+        assert sum(row.top10_share for tower, row in mine.items() if tower != "all") == pytest.approx(1.0)
+        assert all(0 < row.mrr_alone <= 1 for row in mine.values())
+    assert random_mrr(1) == 1.0 and random_mrr(2) == pytest.approx(0.75)
+    assert main(["towers", "--storage", str(storage), "--run", "TEMA-LLM"]) == 0
+    out = capsys.readouterr().out
+    assert "| tag |" in out and "all (the run's ranking)" in out and "a random ranking's MRR" in out
+    assert main(["towers", "--storage", str(storage), "--run", "Popularity"]) == 2
+    assert "no towers" in capsys.readouterr().err
+
+
 def test_http_api_answers_like_the_library_and_refuses_bad_requests(first_run):
     import asyncio
     import socket

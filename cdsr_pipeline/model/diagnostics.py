@@ -1,0 +1,98 @@
+"""What each tower of a trained run contributes to its ranking.
+
+A run with several towers (id, text, image, tag) scores an item by the sum of its towers'
+parts (:meth:`~cdsr_pipeline.model.sequential.SequentialRecommender.tower_scores`: each
+tower's softmax over the domain, weighted by its alpha and the sequences' weights). Two
+figures per tower and target domain, over a split's rows:
+
+- ``mrr_alone``: the full-ranking MRR when the domain's items are ranked by that tower's
+  part alone: what the tower knows by itself. Ties are broken at random (the expected
+  reciprocal rank), not in the target's favour as in evaluation: a tower can give
+  thousands of items one score (the static tags' tower gives every untagged item the
+  same vector), and the evaluation's rule (rank = 1 + items scoring strictly higher)
+  would rank the target first among all of them;
+- ``top10_share``: the tower's part of the summed score of the 10 items the whole run
+  ranks first (mean over rows): how much it weighs in what is recommended.
+
+A tower whose part is nearly uniform over the domain (``mrr_alone`` near random, share
+near 0) changes almost nothing that is recommended, whatever it adds in training. The
+row ``all`` is the run's own ranking (its full-ranking MRR of the evaluation). These are
+read after selection, which uses validation MRR only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from ..data.schema import DOMAINS
+from .base import Recommender
+from .data import Domains, SequenceArrays, evaluation_batches, make_batch
+
+ALL_TOWERS = "all"
+TOP_K = 10
+
+
+def random_mrr(num_items: int) -> float:
+    """The expected MRR of a uniformly random ranking of ``num_items`` items (H_n / n):
+    what a tower that knows nothing scores alone."""
+    return float(np.sum(1.0 / np.arange(1, num_items + 1)) / num_items)
+
+
+def expected_reciprocal_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per row, E[1 / rank] of the target (``targets`` [n, 1]) when its ties with other
+    items are broken uniformly at random: with h items strictly higher and e items equal
+    to it (itself included), the rank is uniform on h+1 .. h+e and the mean of 1 / rank is
+    (H(h+e) - H(h)) / e, the H harmonic numbers (digamma(n + 1) + Euler's constant)."""
+    target = scores.gather(1, targets)
+    higher = (scores > target).sum(dim=1).double()
+    equal = (scores == target).sum(dim=1).double()
+    return (torch.digamma(higher + equal + 1) - torch.digamma(higher + 1)) / equal
+
+
+class NoTowersError(ValueError):
+    """The run's model has no towers to tell apart (popularity)."""
+
+
+@dataclass(frozen=True)
+class TowerContribution:
+    domain: str  # "A" or "B"
+    tower: str  # a tower's name, or ALL_TOWERS for the run's own scores
+    rows: int
+    mrr_alone: float
+    top10_share: float | None  # None for ALL_TOWERS
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def tower_contributions(
+    model: Recommender, arrays: SequenceArrays, domains: Domains, batch_size: int = 256
+) -> list[TowerContribution]:
+    """Per target domain: each tower's ``mrr_alone`` and ``top10_share``, then the ``all`` row."""
+    if not hasattr(model, "tower_scores"):
+        raise NoTowersError(f"{type(model).__name__} has no towers to tell apart")
+    model.eval()
+    ranks: dict[tuple[int, str], list[np.ndarray]] = {}
+    shares: dict[tuple[int, str], list[np.ndarray]] = {}
+    with model.fixed_weights():
+        for domain, rows in evaluation_batches(arrays, domains, batch_size):
+            batch = make_batch(arrays, rows, domains, model.views)
+            parts = {name: scores.float() for name, scores in model.tower_scores(batch).items()}
+            total = sum(parts.values())  # what evaluation ranks by (full_sort_predict)
+            targets = batch.domains[domain].targets[:, None]
+            top = total.topk(min(TOP_K, total.shape[1]), dim=1).indices
+            top_total = total.gather(1, top).sum(dim=1)
+            for name, scores in [*parts.items(), (ALL_TOWERS, total)]:
+                ranks.setdefault((domain, name), []).append(expected_reciprocal_ranks(scores, targets).numpy())
+                if name != ALL_TOWERS:
+                    shares.setdefault((domain, name), []).append((scores.gather(1, top).sum(dim=1) / top_total).numpy())
+    out = []
+    for (domain, name), parts_ranks in ranks.items():
+        found = np.concatenate(parts_ranks)
+        share = float(np.mean(np.concatenate(shares[domain, name]))) if name != ALL_TOWERS else None
+        out.append(TowerContribution(DOMAINS[domain], name, int(found.size), float(np.mean(found)), share))
+    return out
