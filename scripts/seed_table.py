@@ -25,17 +25,16 @@ the rows to draw, top first (default: every row of the table).
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from compare_runs import load_runs  # noqa: E402
 
 from cdsr_pipeline.model.runs import without_seed  # noqa: E402
+from cdsr_pipeline.storage import atomic_target  # noqa: E402
 
 COLUMNS = [("A", "sampled"), ("B", "sampled"), ("A", "full"), ("B", "full")]
 _SEED = re.compile(r" \(seed (\d+)[^)]*\)$")
@@ -104,14 +103,11 @@ def plot(rows, path: Path, title: str) -> None:
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(handle)
     try:
-        fig.savefig(temporary, dpi=110)
-        os.replace(temporary, path)
+        with atomic_target(path) as temporary:
+            fig.savefig(temporary, dpi=110, format="png")
     finally:
         plt.close(fig)
-        Path(temporary).unlink(missing_ok=True)
 
 
 def main() -> int:
