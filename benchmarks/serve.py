@@ -179,8 +179,7 @@ def main() -> None:
     import uvicorn
 
     run = load_run(find_run(args.storage.resolve(), args.run))
-    sequences = Path(__import__("json").loads((run.folder / "config.json").read_text())["sequences_dir"])
-    test = load_sequences(sequences, "test", max_len=run.max_len)
+    test = load_sequences(run.sequences, "test", max_len=run.max_len)
     histories = []
     for row in range(len(test)):
         history = test.inputs[row, : test.lengths[row]].tolist()

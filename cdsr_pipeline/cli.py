@@ -426,13 +426,13 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 
 def cmd_towers(args: argparse.Namespace) -> int:
+    from .data.schema import DOMAINS
     from .model.data import load_sequences
     from .model.diagnostics import ALL_TOWERS, NoTowersError, random_mrr, tower_contributions
     from .model.recommend import RecommendError, load_run
 
     run = load_run(find_run(_storage_root(args), args.run))
-    sequences = Path(json.loads((run.folder / "config.json").read_text())["sequences_dir"])
-    arrays = load_sequences(sequences, args.split, max_len=run.max_len)
+    arrays = load_sequences(run.sequences, args.split, max_len=run.max_len)
     try:
         rows = tower_contributions(run.model, arrays, run.domains)
     except NoTowersError as error:
@@ -446,7 +446,7 @@ def cmd_towers(args: argparse.Namespace) -> int:
     print("| domain | tower | rows | MRR ranked by it alone (%) | share of the top-10 scores |")
     print("|---|---|---:|---:|---:|")
     for row in rows:
-        name = run.domains.names["AB".index(row.domain)]
+        name = run.domains.names[DOMAINS.index(row.domain)]
         share = "-" if row.top10_share is None else f"{row.top10_share:.3f}"
         tower = "all (the run's ranking)" if row.tower == ALL_TOWERS else row.tower
         print(f"| {name} | {tower} | {row.rows} | {100 * row.mrr_alone:.2f} | {share} |")
@@ -457,7 +457,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .model.recommend import RecommendError, load_run
     from .serve import serve
 
-    if args.workers < 1:
+    if args.workers < 1:  # before anything is loaded or printed (serve() checks it too, for library callers)
         raise RecommendError(f"--workers must be at least 1, not {args.workers}")
     storage = _storage_root(args)
     folder = find_run(storage, args.run)

@@ -168,8 +168,7 @@ def test_towers_split_the_runs_ranking_and_together_give_its_evaluation(first_ru
     storage, _ = first_run
     folder = find_run(storage, "TEMA-LLM")
     run = load_run(folder)
-    sequences = Path(json.loads((folder / "config.json").read_text())["sequences_dir"])
-    rows = tower_contributions(run.model, load_sequences(sequences, "test", max_len=run.max_len), run.domains)
+    rows = tower_contributions(run.model, load_sequences(run.sequences, "test", max_len=run.max_len), run.domains)
     metrics = json.loads((folder / "metrics.json").read_text())["best_checkpoint"]["test"]
     for domain in "AB":
         mine = {row.tower: row for row in rows if row.domain == domain}

@@ -69,6 +69,7 @@ class LoadedRun:
 
     name: str
     folder: Path
+    sequences: Path  # the cdsr_sequences folder it was trained on (its splits)
     model: torch.nn.Module
     domains: Domains
     items: pl.DataFrame  # item_id, domain, source_id, title
@@ -141,6 +142,7 @@ def load_run(folder: str | Path) -> LoadedRun:
     return LoadedRun(
         name=config.label,
         folder=folder,
+        sequences=sequences,
         model=model,
         domains=Domains.load(sequences),
         items=items,
