@@ -285,11 +285,18 @@ class SequentialRecommender(Recommender):
             self._candidate_cache = outer
 
     def _candidates(self, name: str, domain: int) -> torch.Tensor:
+        return self.towers[name].candidates(*self.domains.item_range(domain))
+
+    def _candidates_by_column(self, name: str, domain: int) -> torch.Tensor:
+        """[hidden, N_D]: a tower's candidate matrix transposed, contiguous (computed once
+        inside fixed_weights()), so that inference's product ``queries @ it`` is a plain
+        row-major product that writes its [Q, N_D] logits in place: on CPU the fastest
+        layout at every query count measured, from one (serving) to hundreds (evaluation)."""
         cache = self._candidate_cache
         if cache is None or torch.is_grad_enabled():
-            return self.towers[name].candidates(*self.domains.item_range(domain))
+            return self._candidates(name, domain).t().contiguous()
         if (name, domain) not in cache:
-            cache[name, domain] = self.towers[name].candidates(*self.domains.item_range(domain))
+            cache[name, domain] = self._candidates(name, domain).t().contiguous()
         return cache[name, domain]
 
     def _encode(self, batch: Batch) -> dict[str, dict[str, torch.Tensor]]:
@@ -353,14 +360,12 @@ class SequentialRecommender(Recommender):
         name = list(self.towers)[k]
         tower = self.towers[name]
         examples = batch.domains[domain]
-        candidates = self._candidates(name, domain)
-        size = candidates.shape[0]
+        by_column = self._candidates_by_column(name, domain)
+        size = by_column.shape[1]
         weights = self.view_weights[domain] * self.log_weights[k].exp()  # [V]
         index = examples.example_query  # [V, E]
         present = index >= 0
-        # [N, Q] then transposed: with few queries (serving) this product runs ~2x faster
-        # on CPU than queries @ candidates.T, and as fast with many (the copy is Q x N)
-        logits = (candidates @ self._queries(name, batch, domain).t()).t().contiguous().float()
+        logits = (self._queries(name, batch, domain) @ by_column).float()
         if needs_shift(tower.max_logit, size):  # else exp() of bounded (cosine) logits cannot overflow
             shift = logits.amax(dim=1, keepdim=True) if tower.max_logit is None else logits.new_full((1, 1), tower.max_logit)
             logits.sub_(shift)
