@@ -1,6 +1,6 @@
 """Requests/s and latency of ``cdsr serve`` on loopback, with 1, 8 and 32 concurrent clients.
 
-    python benchmarks/serve.py [--storage storage] [--run TEMA-LLM] [--requests 400] [--seconds 20] [--workers 1]
+    python benchmarks/serve.py [--storage storage] [--run TEMA-LLM] [--requests 2500] [--seconds 20] [--workers 1]
 
 Serves a materialized run (default: the best run of ``--storage``; ``make run`` makes
 the demo's) with uvicorn in a thread of this process (``--workers 1``) or as ``cdsr serve
@@ -171,7 +171,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--storage", type=Path, default=ROOT / "storage")
     parser.add_argument("--run", help="run name (default: the best by validation MRR)")
-    parser.add_argument("--requests", type=int, default=400, help="requests per concurrency level")
+    parser.add_argument("--requests", type=int, default=2500, help="requests per concurrency level (at 32 clients a few hundred last about a second: too short a window for the steady rate)")
     parser.add_argument("--seconds", type=float, default=20.0, help="time bound per concurrency level")
     parser.add_argument("--workers", type=int, default=1, help="server processes (cdsr serve --workers N); 1: in this process")
     args = parser.parse_args()
