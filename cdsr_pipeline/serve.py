@@ -7,7 +7,7 @@
 
 The model is loaded once per process (``weights_only=True``). Concurrent requests are
 batched: a request waits at most ``max_wait_ms`` for others, and up to ``max_batch`` are
-scored in one forward pass per target domain, off the event loop. A bad request gets a
+scored in one forward pass (both target domains), off the event loop. A bad request gets a
 4xx with ``{"error": "..."}`` naming the problem; nothing a client sends names a file.
 
 ``workers > 1`` runs that many server processes on one listening socket (uvicorn's

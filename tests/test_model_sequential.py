@@ -272,3 +272,25 @@ def test_inference_equals_the_full_softmax_of_every_position(preset):
         scores = model.full_sort_predict(batch)
     assert scores.shape == (4, 5)
     torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["sasrec", "gru4rec", "llm_emf", "tema_llm", "tema_llm_fused"])
+def test_a_round_mixing_target_domains_scores_each_as_its_own_batch(preset):
+    """A served round holds both target domains: one encoder pass per tower and view
+    gives each domain's rows the scores of a batch of that domain alone; the
+    single-domain contract (tower_scores, full_sort_predict) still refuses the mix."""
+    model = _model(PRESETS[preset])
+    arrays = SequenceArrays(  # last targets: Beta, Alpha, Beta, Alpha (row 2 has no X prefix)
+        inputs=np.array([[0, 6, 7, 1, 8], [9, 11, 10, -1, -1], [6, 11, -1, -1, -1], [0, 1, -1, -1, -1]]),
+        targets=np.array([[-1, -1, -1, -1, 9], [-1, -1, 3, -1, -1], [-1, 7, -1, -1, -1], [-1, 2, -1, -1, -1]]),
+        lengths=np.array([5, 3, 2, 2]),
+    )
+    with torch.no_grad(), model.fixed_weights():
+        mixed = model.tower_scores_by_domain(make_batch(arrays, np.arange(4), DOMAINS, model.views))
+        for domain, rows in ((0, [1, 3]), (1, [0, 2])):
+            alone = model.tower_scores(make_batch(arrays, np.array(rows), DOMAINS, model.views))
+            assert set(mixed[domain]) == set(alone) == set(model.towers)
+            for name in alone:
+                torch.testing.assert_close(mixed[domain][name], alone[name], rtol=1e-5, atol=1e-7)
+        with pytest.raises(ValueError, match="mixes target domains"):
+            model.tower_scores(make_batch(arrays, np.arange(4), DOMAINS, model.views))

@@ -89,8 +89,7 @@ class LoadedRun:
         self._fixed = contextlib.ExitStack()
         with torch.no_grad():
             self._fixed.enter_context(self.model.fixed_weights())
-            for domain in (0, 1):
-                domain_scores(self, [[self.domains.first_id(domain)]], domain)
+            round_scores(self, [[self.domains.first_id(0)], [self.domains.first_id(1)]], [0, 1])
 
     def item_ids(self, history: Sequence[int | str]) -> list[int]:
         """Global ids of a history given as global ids or source ids (ASINs); unknown ones listed in the error."""
@@ -153,23 +152,31 @@ def load_run(folder: str | Path) -> LoadedRun:
     )
 
 
-def domain_scores(run: LoadedRun, histories: Sequence[Sequence[int]], domain: int) -> dict[str, torch.Tensor]:
-    """Each tower's scores ([len(histories), N_D]) of every item of ``domain``; their sum is
-    what :meth:`~cdsr_pipeline.model.base.Recommender.full_sort_predict` returns."""
+def round_scores(run: LoadedRun, histories: Sequence[Sequence[int]], domains: Sequence[int]) -> dict[int, dict[str, torch.Tensor]]:
+    """Each tower's scores of every item of each target domain asked: target domain ->
+    tower -> [rows, N_D], the rows of the histories whose target is that domain, in
+    order (``domains[i]`` is the target of ``histories[i]``); the towers' sum is what
+    :meth:`~cdsr_pipeline.model.base.Recommender.full_sort_predict` returns. Histories of
+    both domains go through one forward pass where the model scores mixed batches."""
     width = min(run.max_len, max(len(h) for h in histories))
     inputs = np.full((len(histories), width), -1, dtype=np.int64)
     targets = np.full_like(inputs, -1)
     lengths = np.zeros(len(histories), dtype=np.int64)
-    for row, history in enumerate(histories):
+    for row, (history, domain) in enumerate(zip(histories, domains, strict=True)):
         kept = list(history)[-width:]
         inputs[row, : len(kept)] = kept
         lengths[row] = len(kept)
         targets[row, len(kept) - 1] = run.domains.first_id(domain)  # any item of D: selects the target domain
-    batch = make_batch(SequenceArrays(inputs, targets, lengths), np.arange(len(histories)), run.domains, run.views)
+    arrays = SequenceArrays(inputs, targets, lengths)
     with torch.no_grad():
-        if hasattr(run.model, "tower_scores"):
-            return {name: s.float() for name, s in run.model.tower_scores(batch).items()}
-        return {"popularity": run.model.full_sort_predict(batch).float()}
+        if hasattr(run.model, "tower_scores_by_domain"):
+            batch = make_batch(arrays, np.arange(len(histories)), run.domains, run.views)
+            return {d: {name: s.float() for name, s in shares.items()} for d, shares in run.model.tower_scores_by_domain(batch).items()}
+        out = {}  # a model without towers scores one target domain a batch (popularity)
+        for domain in sorted(set(domains)):
+            rows = np.array([i for i, d in enumerate(domains) if d == domain])
+            out[domain] = {"popularity": run.model.full_sort_predict(make_batch(arrays, rows, run.domains, run.views)).float()}
+        return out
 
 
 @dataclass(frozen=True)
@@ -205,14 +212,12 @@ def recommend(
 
 
 def answer_queries(run: LoadedRun, queries: Sequence[Query]) -> list[list[Recommendation]]:
-    """Answer several queries with one forward pass per target domain (what a server
+    """Answer several queries, of either target domain, with one forward pass (what a server
     batching concurrent requests does); the same answers as one query at a time."""
     answers: list[list[Recommendation] | None] = [None] * len(queries)
-    for domain in (0, 1):
+    scores = round_scores(run, [q.ids for q in queries], [q.domain for q in queries])
+    for domain, shares in scores.items():
         members = [i for i, q in enumerate(queries) if q.domain == domain]
-        if not members:
-            continue
-        shares = domain_scores(run, [queries[i].ids for i in members], domain)
         totals = sum(shares.values())  # a new tensor: excluding seen items in it changes no share
         first, size = run.domains.first_id(domain), run.domains.sizes[domain]
         for row, index in enumerate(members):

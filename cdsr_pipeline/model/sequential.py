@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -306,22 +306,25 @@ class SequentialRecommender(Recommender):
             for name, tower in self.towers.items()
         }
 
-    def _queries(self, name: str, batch: Batch, domain: int) -> torch.Tensor:
-        """One tower's queries of one target domain's examples at inference, all views
-        concatenated in ``example_query``'s order ([Q, hidden]); the encoders compute their
-        last block only at the positions read (:meth:`CausalSelfAttentionEncoder.forward_at`)."""
+    def _queries(self, name: str, batch: Batch, domains: Sequence[int]) -> list[torch.Tensor]:
+        """One tower's queries at inference for the examples of each target domain of
+        ``domains`` ([Q_d, hidden] each, all views concatenated in ``example_query``'s
+        order). One encoder pass per view serves every domain asked (a served round holds
+        both), and computes its last block only at the positions read
+        (:meth:`CausalSelfAttentionEncoder.forward_at`)."""
         tower = self.towers[name]
-        examples = batch.domains[domain]
-        parts = [
-            tower.queries(
-                self.encoders[name][view].forward_at(
-                    tower.embed(batch.items[view]), examples.query_rows[view], examples.query_positions[view]
-                )
-            )
-            for view in self.views
-            if examples.query_rows[view].numel()
-        ]
-        return torch.cat(parts) if parts else self.log_weights.new_zeros(0, self.config.hidden_dim)
+        parts: list[list[torch.Tensor]] = [[] for _ in domains]
+        for view in self.views:
+            counts = [batch.domains[d].query_rows[view].numel() for d in domains]
+            if not sum(counts):
+                continue
+            rows = torch.cat([batch.domains[d].query_rows[view] for d in domains])
+            positions = torch.cat([batch.domains[d].query_positions[view] for d in domains])
+            queries = tower.queries(self.encoders[name][view].forward_at(tower.embed(batch.items[view]), rows, positions))
+            for own, part in zip(parts, queries.split(counts), strict=True):
+                if part.shape[0]:
+                    own.append(part)
+        return [torch.cat(own) if own else self.log_weights.new_zeros(0, self.config.hidden_dim) for own in parts]
 
     def _domain_log_probs(self, name: str, outputs: dict[str, torch.Tensor], batch: Batch, domain: int) -> torch.Tensor:
         """Training: log P_m^s(target) of one tower for one target domain, [views, E].
@@ -350,7 +353,7 @@ class SequentialRecommender(Recommender):
             normaliser = torch.logaddexp(target_logits, rest[index])
         return (target_logits - normaliser).masked_fill(empty, uniform)
 
-    def _domain_probs(self, k: int, batch: Batch, domain: int) -> torch.Tensor:
+    def _domain_probs(self, k: int, batch: Batch, domain: int, queries: torch.Tensor) -> torch.Tensor:
         """Inference: tower k's share of the score of every item of the domain, [E, N_D]:
         alpha_m sum_s w_D(s) P_m^s(i), the view's uniform 1/N_D where its prefix is empty.
 
@@ -365,7 +368,7 @@ class SequentialRecommender(Recommender):
         weights = self.view_weights[domain] * self.log_weights[k].exp()  # [V]
         index = examples.example_query  # [V, E]
         present = index >= 0
-        logits = (self._queries(name, batch, domain) @ by_column).float()
+        logits = (queries @ by_column).float()
         if needs_shift(tower.max_logit, size):  # else exp() of bounded (cosine) logits cannot overflow
             shift = logits.amax(dim=1, keepdim=True) if tower.max_logit is None else logits.new_full((1, 1), tower.max_logit)
             logits.sub_(shift)
@@ -405,4 +408,15 @@ class SequentialRecommender(Recommender):
     def tower_scores(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Each tower's share of :meth:`full_sort_predict` ([E, N_D] each; they sum to it):
         what a recommendation owes to ids, text, images or tags."""
-        return {name: self._domain_probs(k, batch, batch.target_domain) for k, name in enumerate(self.towers)}
+        return self.tower_scores_by_domain(batch)[batch.target_domain]
+
+    def tower_scores_by_domain(self, batch: Batch) -> dict[int, dict[str, torch.Tensor]]:
+        """:meth:`tower_scores` of each target domain present in ``batch``, which may mix
+        them (a served round does): target domain -> tower -> [E_D, N_D], the domain's
+        examples in batch order, with one encoder pass per tower and view for all."""
+        present = [d for d in (0, 1) if batch.domains[d].num_examples]
+        scores: dict[int, dict[str, torch.Tensor]] = {d: {} for d in present}
+        for k, name in enumerate(self.towers):
+            for domain, queries in zip(present, self._queries(name, batch, present), strict=True):
+                scores[domain][name] = self._domain_probs(k, batch, domain, queries)
+        return scores
