@@ -427,8 +427,15 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 def cmd_towers(args: argparse.Namespace) -> int:
     from .data.schema import DOMAINS
-    from .model.data import load_sequences
-    from .model.diagnostics import ALL_TOWERS, NoTowersError, random_mrr, tower_contributions
+    from .model.data import DENSE_MODALITIES, load_item_features, load_sequences
+    from .model.diagnostics import (
+        ALL_TOWERS,
+        FEATURE_NAMES,
+        NoTowersError,
+        content_similarity,
+        random_mrr,
+        tower_contributions,
+    )
     from .model.recommend import RecommendError, load_run
 
     run = load_run(find_run(_storage_root(args), args.run))
@@ -437,8 +444,20 @@ def cmd_towers(args: argparse.Namespace) -> int:
         rows = tower_contributions(run.model, arrays, run.domains)
     except NoTowersError as error:
         raise RecommendError(f"run {run.name}: {error}") from None
+    features = load_item_features(run.features, run.domains.num_items, {*DENSE_MODALITIES, "tag"})
+    content = content_similarity(features, arrays, run.domains)
     if args.json:
-        print(json.dumps({"run": run.name, "split": args.split, "towers": [row.to_dict() for row in rows]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "run": run.name,
+                    "split": args.split,
+                    "towers": [row.to_dict() for row in rows],
+                    "features_alone": [row.to_dict() for row in content],
+                },
+                indent=2,
+            )
+        )
         return 0
     chance = ", ".join(f"{name} {100 * random_mrr(size):.2f}" for name, size in zip(run.domains.names, run.domains.sizes, strict=True))
     print(f"run {run.name} ({run.folder}); {args.split} rows; full ranking over the target domain's items")
@@ -450,6 +469,12 @@ def cmd_towers(args: argparse.Namespace) -> int:
         share = "-" if row.top10_share is None else f"{row.top10_share:.3f}"
         tower = "all (the run's ranking)" if row.tower == ALL_TOWERS else row.tower
         print(f"| {name} | {tower} | {row.rows} | {100 * row.mrr_alone:.2f} | {share} |")
+    print("\nThe features alone, no training: items ranked by the cosine of their vector to the mean of the history's")
+    print("| domain | feature | rows | MRR (%) |")
+    print("|---|---|---:|---:|")
+    for row in content:
+        name = run.domains.names[DOMAINS.index(row.domain)]
+        print(f"| {name} | {FEATURE_NAMES[row.feature]} | {row.rows} | {100 * row.mrr:.2f} |")
     return 0
 
 
@@ -523,7 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec.set_defaults(func=cmd_recommend)
 
     towers = sub.add_parser(
-        "towers", help="what each tower of a trained run contributes: MRR ranked by it alone, its share of the top-10 scores"
+        "towers",
+        help="what each tower of a trained run contributes (MRR ranked by it alone, its share of the top-10 scores), "
+        "beside what each feature ranks by itself with no training",
     )
     towers.add_argument("--run", help="run name as in the report or its folder name; default: best by validation MRR")
     towers.add_argument("--split", choices=["valid", "test"], default="test")

@@ -181,6 +181,11 @@ def test_towers_split_the_runs_ranking_and_together_give_its_evaluation(first_ru
     assert main(["towers", "--storage", str(storage), "--run", "TEMA-LLM"]) == 0
     out = capsys.readouterr().out
     assert "| tag |" in out and "all (the run's ranking)" in out and "a random ranking's MRR" in out
+    assert "The features alone, no training" in out and "| title text |" in out and "| tags |" in out
+    assert main(["towers", "--storage", str(storage), "--run", "TEMA-LLM", "--json"]) == 0
+    alone = json.loads(capsys.readouterr().out)["features_alone"]
+    assert {(row["domain"], row["feature"]) for row in alone} >= {(d, f) for d in "AB" for f in ("tex", "llm", "tag")}
+    assert all(0 < row["mrr"] <= 1 for row in alone)
     assert main(["towers", "--storage", str(storage), "--run", "Popularity"]) == 2
     assert "no towers" in capsys.readouterr().err
 

@@ -70,6 +70,7 @@ class LoadedRun:
     name: str
     folder: Path
     sequences: Path  # the cdsr_sequences folder it was trained on (its splits)
+    features: FeatureInputs  # the feature tables it was trained on
     model: torch.nn.Module
     domains: Domains
     items: pl.DataFrame  # item_id, domain, source_id, title
@@ -142,6 +143,7 @@ def load_run(folder: str | Path) -> LoadedRun:
         name=config.label,
         folder=folder,
         sequences=sequences,
+        features=features,
         model=model,
         domains=Domains.load(sequences),
         items=items,
