@@ -290,8 +290,13 @@ class SequentialRecommender(Recommender):
     def _candidates_by_column(self, name: str, domain: int) -> torch.Tensor:
         """[hidden, N_D]: a tower's candidate matrix transposed, contiguous (computed once
         inside fixed_weights()), so that inference's product ``queries @ it`` is a plain
-        row-major product that writes its [Q, N_D] logits in place: on CPU the fastest
-        layout at every query count measured, from one (serving) to hundreds (evaluation)."""
+        row-major product that writes its [Q, N_D] logits in place. On the 2-core Xeon
+        (2026-12-07, Kitchen's [27,637 x 256]) it beat both other layouts at 1, 3, 12 and
+        96 queries: 1.4 / 2.0 / 10.2 ms at 3 / 12 / 96 queries against 3.0 / 2.9 / 13.1 for
+        ``candidates @ queries.T`` (then a [Q, N_D] copy) and 1.3 / 3.2 / 10.9 for
+        ``queries @ candidates.T``. On the AMD EPYC (2026-12-03) ``candidates @ queries.T``
+        had run ~2x faster than ``queries @ candidates.T`` with few queries; this layout is
+        not yet measured there (``benchmarks/serve.py`` shows it)."""
         cache = self._candidate_cache
         if cache is None or torch.is_grad_enabled():
             return self._candidates(name, domain).t().contiguous()
