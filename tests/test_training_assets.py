@@ -143,6 +143,14 @@ def test_single_domain_users_add_a_separately_named_run():
     ]
     assert configs[0].identity_hash() != configs[1].identity_hash()
     assert len(TrainingSettings().run_configs(plan_runs(["sasrec"]))) == 1
+    assert [c.patience for c in configs] == [10, 10]
+    settings = TrainingSettings(patience=20, also_with_single_domain_users=True, single_domain_users_patience=3, extra_seeds=[1])
+    assert [(c.name, c.patience) for c in settings.run_configs(plan_runs(["sasrec"]))] == [
+        ("SASRec", 20),
+        ("SASRec + single-domain users", 3),
+        ("SASRec (seed 1)", 20),
+        ("SASRec + single-domain users (seed 1)", 3),
+    ]
 
 
 def test_every_run_of_an_asset_comes_from_its_spec():

@@ -56,6 +56,13 @@ class _TrainingSettingsBase(dg.Config):
         description="Also train each run on the cross-domain AND single-domain users (train_user_domains both, A, B), "
         f"as a separate run named '<run>{SINGLE_DOMAIN_SUFFIX}'.",
     )
+    single_domain_users_patience: int | None = Field(
+        default=None,
+        ge=1,
+        description="Patience of the single-domain-users runs (empty: patience). Their epochs hold several times "
+        "the updates of a cross-domain epoch (the LLMCDSR release: 200 batches against 30), so the same patience "
+        "in epochs waits several times as many updates.",
+    )
     extra_seeds: list[int] = Field(
         default=[],
         description="Train each run again with each of these seeds, as runs named '<run> (seed N)': the report "
@@ -77,6 +84,7 @@ class _TrainingSettingsBase(dg.Config):
             [self.train_config(spec) for spec in specs],
             single_domain_users=self.also_with_single_domain_users,
             extra_seeds=self.extra_seeds,
+            single_domain_patience=self.single_domain_users_patience,
         )
 
 

@@ -171,14 +171,26 @@ def spec_of(config: TrainConfig, specs: Sequence[RunSpec]) -> RunSpec:
     return spec
 
 
-def with_extra_runs(configs: Sequence[TrainConfig], *, single_domain_users: bool, extra_seeds: Sequence[int]) -> list[TrainConfig]:
+def with_extra_runs(
+    configs: Sequence[TrainConfig],
+    *,
+    single_domain_users: bool,
+    extra_seeds: Sequence[int],
+    single_domain_patience: int | None = None,
+) -> list[TrainConfig]:
     """``configs``, then (when asked) each again on the cross-domain and single-domain users
-    (named ``<run> + single-domain users``), then every one of those again with each extra
-    seed other than its own (``<run> (seed N)``)."""
+    (named ``<run> + single-domain users``, with ``single_domain_patience`` when given: its
+    epochs are several times longer), then every one of those again with each extra seed
+    other than its own (``<run> (seed N)``)."""
     runs = list(configs)
     if single_domain_users:
         runs += [
-            dataclasses.replace(config, name=config.name + SINGLE_DOMAIN_SUFFIX, train_user_domains=SINGLE_DOMAIN_USERS)
+            dataclasses.replace(
+                config,
+                name=config.name + SINGLE_DOMAIN_SUFFIX,
+                train_user_domains=SINGLE_DOMAIN_USERS,
+                patience=single_domain_patience or config.patience,
+            )
             for config in configs
         ]
     seeded = [
