@@ -435,6 +435,7 @@ def cmd_towers(args: argparse.Namespace) -> int:
         content_similarity,
         random_mrr,
         tower_contributions,
+        view_contributions,
     )
     from .model.recommend import RecommendError, load_run
 
@@ -444,6 +445,7 @@ def cmd_towers(args: argparse.Namespace) -> int:
         rows = tower_contributions(run.model, arrays, run.domains)
     except NoTowersError as error:
         raise RecommendError(f"run {run.name}: {error}") from None
+    views = view_contributions(run.model, arrays, run.domains)
     features = load_item_features(run.features, run.domains.num_items, {*DENSE_MODALITIES, "tag"})
     content = content_similarity(features, arrays, run.domains)
     if args.json:
@@ -453,6 +455,7 @@ def cmd_towers(args: argparse.Namespace) -> int:
                     "run": run.name,
                     "split": args.split,
                     "towers": [row.to_dict() for row in rows],
+                    "views": [row.to_dict() for row in views],
                     "features_alone": [row.to_dict() for row in content],
                 },
                 indent=2,
@@ -469,6 +472,20 @@ def cmd_towers(args: argparse.Namespace) -> int:
         share = "-" if row.top10_share is None else f"{row.top10_share:.3f}"
         tower = "all (the run's ranking)" if row.tower == ALL_TOWERS else row.tower
         print(f"| {name} | {tower} | {row.rows} | {100 * row.mrr_alone:.2f} | {share} |")
+    if len(run.views) > 1:
+        print("\nBy sequence (every tower's term of the view; w: its sequence weight for the target domain)")
+        print("| domain | sequence | w | rows | MRR ranked by it alone (%) | share of the top-10 scores |")
+        print("|---|---|---:|---:|---:|---:|")
+        weights = run.model.summary["view_weights"]
+        sequences = {"X": f"X ({run.domains.names[0]} items)", "Y": f"Y ({run.domains.names[1]} items)", "XY": "XY (merged)"}
+        for row in views:
+            if row.view == ALL_TOWERS:
+                continue
+            name = run.domains.names[DOMAINS.index(row.domain)]
+            print(
+                f"| {name} | {sequences[row.view]} | {weights[name][row.view]:.2f} | {row.rows} | "
+                f"{100 * row.mrr_alone:.2f} | {row.top10_share:.3f} |"
+            )
     print("\nThe features alone, no training: items ranked by the cosine of their vector to the mean of the history's")
     print("| domain | feature | rows | MRR (%) |")
     print("|---|---|---:|---:|")
@@ -549,8 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     towers = sub.add_parser(
         "towers",
-        help="what each tower of a trained run contributes (MRR ranked by it alone, its share of the top-10 scores), "
-        "beside what each feature ranks by itself with no training",
+        help="what each tower and each sequence of a trained run contributes (MRR ranked by it alone, its share of "
+        "the top-10 scores), beside what each feature ranks by itself with no training",
     )
     towers.add_argument("--run", help="run name as in the report or its folder name; default: best by validation MRR")
     towers.add_argument("--split", choices=["valid", "test"], default="test")

@@ -162,7 +162,7 @@ def test_towers_split_the_runs_ranking_and_together_give_its_evaluation(first_ru
 
     from cdsr_pipeline.cli import find_run, main
     from cdsr_pipeline.model.data import load_sequences
-    from cdsr_pipeline.model.diagnostics import random_mrr, tower_contributions
+    from cdsr_pipeline.model.diagnostics import random_mrr, tower_contributions, view_contributions
     from cdsr_pipeline.model.recommend import load_run
 
     storage, _ = first_run
@@ -177,13 +177,22 @@ def test_towers_split_the_runs_ranking_and_together_give_its_evaluation(first_ru
         assert mine["all"].mrr_alone == pytest.approx(metrics[domain]["full"]["mrr"], abs=1e-9)
         assert sum(row.top10_share for tower, row in mine.items() if tower != "all") == pytest.approx(1.0)
         assert all(0 < row.mrr_alone <= 1 for row in mine.values())
+    views = view_contributions(run.model, load_sequences(run.sequences, "test", max_len=run.max_len), run.domains)
+    for domain in "AB":
+        mine = {row.view: row for row in views if row.domain == domain}
+        assert set(mine) == {"X", "Y", "XY", "all"}
+        assert mine["all"].mrr_alone == pytest.approx(metrics[domain]["full"]["mrr"], abs=1e-9)
+        assert sum(row.top10_share for view, row in mine.items() if view != "all") == pytest.approx(1.0)
     assert random_mrr(1) == 1.0 and random_mrr(2) == pytest.approx(0.75)
     assert main(["towers", "--storage", str(storage), "--run", "TEMA-LLM"]) == 0
     out = capsys.readouterr().out
     assert "| tag |" in out and "all (the run's ranking)" in out and "a random ranking's MRR" in out
+    assert "By sequence" in out and "| XY (merged) | 0.10 |" in out
     assert "The features alone, no training" in out and "| title text |" in out and "| tags |" in out
     assert main(["towers", "--storage", str(storage), "--run", "TEMA-LLM", "--json"]) == 0
-    alone = json.loads(capsys.readouterr().out)["features_alone"]
+    answer = json.loads(capsys.readouterr().out)
+    assert {(row["domain"], row["view"]) for row in answer["views"]} == {(d, v) for d in "AB" for v in ("X", "Y", "XY", "all")}
+    alone = answer["features_alone"]
     assert {(row["domain"], row["feature"]) for row in alone} >= {(d, f) for d in "AB" for f in ("tex", "llm", "tag")}
     assert all(0 < row["mrr"] <= 1 for row in alone)
     assert main(["towers", "--storage", str(storage), "--run", "Popularity"]) == 2

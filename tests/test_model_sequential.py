@@ -294,3 +294,26 @@ def test_a_round_mixing_target_domains_scores_each_as_its_own_batch(preset):
                 torch.testing.assert_close(mixed[domain][name], alone[name], rtol=1e-5, atol=1e-7)
         with pytest.raises(ValueError, match="mixes target domains"):
             model.tower_scores(make_batch(arrays, np.arange(4), DOMAINS, model.views))
+
+
+@pytest.mark.parametrize("preset", ["sasrec", "llm_emf", "tema_llm", "tema_llm_fused"])
+def test_the_views_parts_sum_to_the_score_and_each_is_its_weighted_term(preset):
+    """view_scores splits full_sort_predict by sequence: each view's part is every tower's
+    alpha_m w_D(s) P_m^s (the uniform 1/N_D for an empty prefix), and the parts sum to it."""
+    model = _model(PRESETS[preset])
+    arrays = SequenceArrays(  # row 1's X prefix is empty
+        inputs=np.array([[0, 6, 7, 1, 8], [9, 11, 10, -1, -1], [0, 6, 1, -1, -1]]),
+        targets=np.array([[-1, -1, -1, -1, 2], [-1, -1, 3, -1, -1], [-1, 1, 2, -1, -1]]),
+        lengths=np.array([5, 3, 3]),
+    )
+    batch = make_batch(arrays, np.arange(3), DOMAINS, model.views)
+    with torch.no_grad():
+        parts = model.view_scores(batch)
+        outputs = model._encode(batch)
+        log_probs = {name: _reference_log_probs(model, name, outputs, batch, 0).exp() for name in model.towers}
+        scores = model.full_sort_predict(batch)
+    assert list(parts) == list(model.views)
+    torch.testing.assert_close(sum(parts.values()), scores, rtol=1e-5, atol=1e-7)
+    for v, view in enumerate(model.views):
+        expected = sum(model.view_weights[0][v] * w.exp() * log_probs[name][v] for name, w in zip(model.towers, model.log_weights))
+        torch.testing.assert_close(parts[view], expected, rtol=1e-5, atol=1e-7)

@@ -1,4 +1,4 @@
-"""What each tower of a trained run contributes to its ranking.
+"""What each tower, and each sequence view, of a trained run contributes to its ranking.
 
 A run with several towers (id, text, image, tag) scores an item by the sum of its towers'
 parts (:meth:`~cdsr_pipeline.model.sequential.SequentialRecommender.tower_scores`: each
@@ -17,7 +17,10 @@ figures per tower and target domain, over a split's rows:
 A tower whose part is nearly uniform over the domain (``mrr_alone`` near random, share
 near 0) changes almost nothing that is recommended, whatever it adds in training. The
 row ``all`` is the run's own ranking (its full-ranking MRR of the evaluation). These are
-read after selection, which uses validation MRR only.
+read after selection, which uses validation MRR only. :func:`view_contributions` gives the
+same two figures per sequence view (X: the history's items of domain A, Y: of domain B,
+XY: both merged; each view's part is every tower's term of that view, weighted by the
+sequence weights), the evidence on what the multi-attention's three sequences add.
 
 :func:`content_similarity` asks the features themselves, with no training: the MRR of
 ranking the domain's items by the cosine between an item's frozen vector (title text,
@@ -81,13 +84,43 @@ def tower_contributions(
     """Per target domain: each tower's ``mrr_alone`` and ``top10_share``, then the ``all`` row."""
     if not hasattr(model, "tower_scores"):
         raise NoTowersError(f"{type(model).__name__} has no towers to tell apart")
+    return [TowerContribution(*row) for row in _contributions(model, model.tower_scores, arrays, domains, batch_size)]
+
+
+@dataclass(frozen=True)
+class ViewContribution:
+    domain: str  # "A" or "B"
+    view: str  # a sequence view (X: the history's items of domain A, Y: of B, XY: both merged), or ALL_TOWERS
+    rows: int
+    mrr_alone: float
+    top10_share: float | None  # None for ALL_TOWERS
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def view_contributions(
+    model: Recommender, arrays: SequenceArrays, domains: Domains, batch_size: int = 256
+) -> list[ViewContribution]:
+    """:func:`tower_contributions` by sequence view instead of tower (every tower's part of
+    the view summed): what the run learned from the history's items of each domain and
+    from both merged, weighted by the sequence weights w_D."""
+    if not hasattr(model, "view_scores"):
+        raise NoTowersError(f"{type(model).__name__} has no sequence views to tell apart")
+    return [ViewContribution(*row) for row in _contributions(model, model.view_scores, arrays, domains, batch_size)]
+
+
+def _contributions(model, parts_of, arrays: SequenceArrays, domains: Domains, batch_size: int) -> list[tuple]:
+    """(domain, part, rows, mrr_alone, top10_share) of each part of the scores that
+    ``parts_of(batch)`` splits ``full_sort_predict`` into, then of their sum (``all``)."""
     model.eval()
     ranks: dict[tuple[int, str], list[np.ndarray]] = {}
     shares: dict[tuple[int, str], list[np.ndarray]] = {}
     with model.fixed_weights():
         for domain, rows in evaluation_batches(arrays, domains, batch_size):
             batch = make_batch(arrays, rows, domains, model.views)
-            parts = {name: scores.float() for name, scores in model.tower_scores(batch).items()}
+            parts = {name: scores.float() for name, scores in parts_of(batch).items()}
             total = sum(parts.values())  # what evaluation ranks by (full_sort_predict)
             targets = batch.domains[domain].targets[:, None]
             top = total.topk(min(TOP_K, total.shape[1]), dim=1).indices
@@ -100,7 +133,7 @@ def tower_contributions(
     for (domain, name), parts_ranks in ranks.items():
         found = np.concatenate(parts_ranks)
         share = float(np.mean(np.concatenate(shares[domain, name]))) if name != ALL_TOWERS else None
-        out.append(TowerContribution(DOMAINS[domain], name, int(found.size), float(np.mean(found)), share))
+        out.append((DOMAINS[domain], name, int(found.size), float(np.mean(found)), share))
     return out
 
 

@@ -358,9 +358,12 @@ class SequentialRecommender(Recommender):
             normaliser = torch.logaddexp(target_logits, rest[index])
         return (target_logits - normaliser).masked_fill(empty, uniform)
 
-    def _domain_probs(self, k: int, batch: Batch, domain: int, queries: torch.Tensor) -> torch.Tensor:
+    def _domain_probs(
+        self, k: int, batch: Batch, domain: int, queries: torch.Tensor, view: str | None = None
+    ) -> torch.Tensor:
         """Inference: tower k's share of the score of every item of the domain, [E, N_D]:
-        alpha_m sum_s w_D(s) P_m^s(i), the view's uniform 1/N_D where its prefix is empty.
+        alpha_m sum_s w_D(s) P_m^s(i), the view's uniform 1/N_D where its prefix is empty;
+        only the term of sequence ``view`` when one is named.
 
         Each query's softmax normaliser, view weight and alpha are folded into one row
         scale of exp(logits), and each example's views are summed into its row in one
@@ -371,6 +374,8 @@ class SequentialRecommender(Recommender):
         by_column = self._candidates_by_column(name, domain)
         size = by_column.shape[1]
         weights = self.view_weights[domain] * self.log_weights[k].exp()  # [V]
+        if view is not None:
+            weights = weights * torch.tensor([v == view for v in self.views], dtype=weights.dtype, device=weights.device)
         index = examples.example_query  # [V, E]
         present = index >= 0
         logits = (queries @ by_column).float()
@@ -414,6 +419,17 @@ class SequentialRecommender(Recommender):
         """Each tower's share of :meth:`full_sort_predict` ([E, N_D] each; they sum to it):
         what a recommendation owes to ids, text, images or tags."""
         return self.tower_scores_by_domain(batch)[batch.target_domain]
+
+    def view_scores(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Each sequence view's share of :meth:`full_sort_predict` ([E, N_D] each; they sum
+        to it): sum_m alpha_m w_D(s) P_m^s(i), what a recommendation owes to the history's
+        items of domain X, of domain Y, or to both merged."""
+        domain = batch.target_domain
+        queries = {name: self._queries(name, batch, [domain])[0] for name in self.towers}
+        return {
+            view: sum(self._domain_probs(k, batch, domain, queries[name], view) for k, name in enumerate(self.towers))
+            for view in self.views
+        }
 
     def tower_scores_by_domain(self, batch: Batch) -> dict[int, dict[str, torch.Tensor]]:
         """:meth:`tower_scores` of each target domain present in ``batch``, which may mix
