@@ -495,6 +495,53 @@ def cmd_towers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mrr_pair(mrr: dict[str, float]) -> str:
+    return f"{100 * mrr['sampled']:.2f} / {100 * mrr['full']:.2f}"
+
+
+def cmd_sequence_weights(args: argparse.Namespace) -> int:
+    from .model.config import train_config_from_dict
+    from .model.data import load_sequences
+    from .model.diagnostics import TRAINED, NoTowersError, sequence_weight_search
+    from .model.evaluate import EvaluationSplit
+    from .model.recommend import RecommendError, load_run
+    from .model.trainer import CONFIG_FILE
+
+    run = load_run(find_run(_storage_root(args), args.run))
+    config = train_config_from_dict(json.loads((run.folder / CONFIG_FILE).read_text())["train_config"])
+    splits = [
+        EvaluationSplit.create(
+            name, load_sequences(run.sequences, name, max_len=run.max_len), run.domains, config.num_negatives, config.negatives_seed
+        )
+        for name in ("valid", "test")
+    ]
+    try:
+        rows = sequence_weight_search(run.model, splits, run.domains, selection_protocol=config.selection_protocol)
+    except (NoTowersError, ValueError) as error:
+        raise RecommendError(f"run {run.name}: {error}") from None
+    chosen = rows[0]
+    trained = next(row for row in rows if row.label == TRAINED)
+    if args.json:
+        print(json.dumps({"run": run.name, "selection_protocol": config.selection_protocol, "chosen": chosen.label,
+                          "rows": [row.to_dict() for row in rows]}, indent=2))
+        return 0
+    names = run.domains.names
+    weights = ", ".join(f"{name}: {' / '.join(f'{w:g}' for w in run.model.view_weights[d].tolist())}" for d, name in enumerate(names))
+    print(f"run {run.name} ({run.folder}); sequences X ({names[0]} items), Y ({names[1]} items), XY (merged)")
+    print(f"trained with w(X / Y / XY) = {weights}; re-weighted at inference: own domain's sequence 1, the other's and the merged as given")
+    print(f"MRR (%) sampled / full; ordered by the validation MRR ({config.selection_protocol}, mean of the domains): choose on it alone")
+    print(f"| weights | valid mean | valid {names[0]} | valid {names[1]} |")
+    print("|---|---:|---|---|")
+    for row in rows:
+        print(f"| {row.label} | {100 * row.selection(config.selection_protocol):.2f} | {_mrr_pair(row.valid['A'])} | {_mrr_pair(row.valid['B'])} |")
+    print(f"\nTest, at the weights chosen on validation ({chosen.label}) and as trained:")
+    print(f"| weights | test {names[0]} | test {names[1]} |")
+    print("|---|---|---|")
+    for row in [chosen] if chosen is trained else [chosen, trained]:
+        print(f"| {row.label} | {_mrr_pair(row.test['A'])} | {_mrr_pair(row.test['B'])} |")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .model.recommend import RecommendError, load_run
     from .serve import serve
@@ -574,6 +621,16 @@ def build_parser() -> argparse.ArgumentParser:
     towers.add_argument("--json", action="store_true")
     towers.add_argument("--storage", help="storage root (default: $CDSR_STORAGE or ./storage)")
     towers.set_defaults(func=cmd_towers)
+
+    weights = sub.add_parser(
+        "sequence-weights",
+        help="a multi-attention run's MRR with its three sequences re-weighted at inference (a grid, plus the trained "
+        "weights), ordered by validation MRR; test only at the weights chosen on validation",
+    )
+    weights.add_argument("--run", help="run name as in the report or its folder name; default: best by validation MRR")
+    weights.add_argument("--json", action="store_true")
+    weights.add_argument("--storage", help="storage root (default: $CDSR_STORAGE or ./storage)")
+    weights.set_defaults(func=cmd_sequence_weights)
 
     srv = sub.add_parser("serve", help="a trained run behind an HTTP JSON API (POST /recommend, GET /items/ID, GET /health)")
     srv.add_argument("--run", help="run name or folder name; default: best by validation MRR")

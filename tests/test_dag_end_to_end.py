@@ -199,6 +199,40 @@ def test_towers_split_the_runs_ranking_and_together_give_its_evaluation(first_ru
     assert "no towers" in capsys.readouterr().err
 
 
+def test_sequence_weights_at_the_trained_weights_give_the_evaluation(first_run, capsys):
+    import json
+
+    from cdsr_pipeline.cli import find_run, main
+    from cdsr_pipeline.model.data import load_sequences
+    from cdsr_pipeline.model.diagnostics import TRAINED, sequence_weight_search
+    from cdsr_pipeline.model.evaluate import EvaluationSplit
+    from cdsr_pipeline.model.recommend import load_run
+
+    storage, _ = first_run
+    folder = find_run(storage, "TEMA-LLM")
+    run = load_run(folder)
+    config = json.loads((folder / "config.json").read_text())["train_config"]
+    splits = [
+        EvaluationSplit.create(s, load_sequences(run.sequences, s, max_len=run.max_len), run.domains, config["num_negatives"], config["negatives_seed"])
+        for s in ("valid", "test")
+    ]
+    rows = sequence_weight_search(run.model, splits, run.domains, others=(0.3, 1.0), merged=(0.1, 1.0))
+    assert len(rows) == 5 and [r.selection() for r in rows] == sorted((r.selection() for r in rows), reverse=True)
+    trained = next(r for r in rows if r.label == TRAINED)
+    same = next(r for r in rows if (r.other, r.merged) == (0.3, 0.1))  # the preset's target-relative weights
+    best = json.loads((folder / "metrics.json").read_text())["best_checkpoint"]
+    for split, mrrs in (("valid", trained.valid), ("test", trained.test)):
+        for domain in "AB":
+            for protocol in ("sampled", "full"):
+                assert mrrs[domain][protocol] == pytest.approx(best[split][domain][protocol]["mrr"], abs=1e-9)
+    assert same.valid == trained.valid and same.test == trained.test
+    assert main(["sequence-weights", "--storage", str(storage), "--run", "TEMA-LLM"]) == 0
+    out = capsys.readouterr().out
+    assert "| trained |" in out and "Test, at the weights chosen on validation" in out and "| other 1, merged 0.3 |" in out
+    assert main(["sequence-weights", "--storage", str(storage), "--run", "SASRec"]) == 2
+    assert "no three sequences" in capsys.readouterr().err
+
+
 def test_http_api_answers_like_the_library_and_refuses_bad_requests(first_run):
     import asyncio
     import socket

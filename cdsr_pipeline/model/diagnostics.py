@@ -21,6 +21,9 @@ read after selection, which uses validation MRR only. :func:`view_contributions`
 same two figures per sequence view (X: the history's items of domain A, Y: of domain B,
 XY: both merged; each view's part is every tower's term of that view, weighted by the
 sequence weights), the evidence on what the multi-attention's three sequences add.
+:func:`sequence_weight_search` re-weights those three terms at inference over a grid and
+ranks the weightings by validation MRR: how the trained sequences are best combined,
+chosen on validation, with test read only at the chosen weights.
 
 :func:`content_similarity` asks the features themselves, with no training: the MRR of
 ranking the domain's items by the cosine between an item's frozen vector (title text,
@@ -31,6 +34,7 @@ says; a feature at chance by itself says nothing a tower could learn about the n
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -38,7 +42,8 @@ import torch
 
 from ..data.schema import DOMAINS
 from .base import Recommender
-from .data import Domains, ItemFeatures, SequenceArrays, evaluation_batches, make_batch
+from .data import VIEWS, Domains, ItemFeatures, SequenceArrays, evaluation_batches, make_batch
+from .metrics import target_ranks
 
 ALL_TOWERS = "all"
 TOP_K = 10
@@ -187,3 +192,85 @@ def content_similarity(
         ContentRanking(DOMAINS[domain], name, int(np.concatenate(parts).size), float(np.mean(np.concatenate(parts))))
         for (domain, name), parts in found.items()
     ]
+
+
+OTHER_WEIGHTS = (0.0, 0.1, 0.3, 0.5, 1.0, 2.0)
+MERGED_WEIGHTS = (0.0, 0.1, 0.3, 0.5, 1.0, 2.0)
+TRAINED = "trained"
+
+
+@dataclass(frozen=True)
+class SequenceWeighting:
+    """A run's MRR when its sequences are weighted at inference by (own 1, ``other``,
+    ``merged``) for either target domain, or as trained (``label`` ``"trained"``)."""
+
+    label: str
+    other: float | None  # None for the trained weights (given per domain by the run)
+    merged: float | None
+    valid: dict[str, dict[str, float]]  # domain -> protocol -> MRR
+    test: dict[str, dict[str, float]]
+
+    def selection(self, protocol: str = "sampled") -> float:
+        """The selection rule of training: the mean over the domains of the validation MRR."""
+        return float(np.mean([by_protocol[protocol] for by_protocol in self.valid.values()]))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def sequence_weight_search(
+    model: Recommender,
+    splits: Sequence,  # EvaluationSplit: valid, then test
+    domains: Domains,
+    others: Sequence[float] = OTHER_WEIGHTS,
+    merged: Sequence[float] = MERGED_WEIGHTS,
+    selection_protocol: str = "sampled",
+    batch_size: int = 256,
+) -> list[SequenceWeighting]:
+    """The run's MRR (both protocols, every split) with its three sequences re-weighted at
+    inference: the own domain's sequence 1, the other domain's ``other``, the merged
+    ``merged``, for each pair of the grid, plus the trained weights; best first by
+    ``selection_protocol`` validation MRR (mean of the domains), so that any choice among
+    them is made on validation. The encoders and towers stay as trained (each sequence's
+    softmax is trained on its own; its weight only scales its term), so this measures
+    how the trained sequences are best combined, not what training with those weights
+    would give. The ranks follow evaluation (rank = 1 + candidates scoring strictly higher)."""
+    views = getattr(model, "views", ())
+    if tuple(views) != VIEWS:
+        raise NoTowersError(f"{type(model).__name__} has no three sequences to weight (views {tuple(views)})")
+    trained = model.view_weights
+    if (trained == 0).any():
+        raise ValueError("the run was trained with a sequence weight of 0: that sequence's scores cannot be re-weighted")
+    grid: list[tuple[str, float | None, float | None]] = [(TRAINED, None, None)]
+    grid += [(f"other {o:g}, merged {m:g}", float(o), float(m)) for o in dict.fromkeys(others) for m in dict.fromkeys(merged)]
+    ranks: dict[tuple[int, str, int, str], list[torch.Tensor]] = {}
+    model.eval()
+    with model.fixed_weights():
+        for split in splits:
+            for domain, rows in evaluation_batches(split.arrays, domains, batch_size):
+                batch = make_batch(split.arrays, rows, domains, model.views)
+                parts = model.view_scores(batch)
+                unweighted = torch.stack([parts[v].float() / trained[domain][i] for i, v in enumerate(VIEWS)])  # [3, E, N]
+                targets = batch.domains[domain].targets[:, None]
+                negatives = torch.from_numpy(split.negatives[rows])
+                for g, (_, other, merge) in enumerate(grid):
+                    if other is None:
+                        weights = trained[domain].float()
+                    else:
+                        weights = torch.tensor([1.0, other, merge] if domain == 0 else [other, 1.0, merge])
+                    scores = torch.einsum("v,ven->en", weights, unweighted)
+                    target = scores.gather(1, targets).squeeze(1)
+                    ranks.setdefault((g, split.name, domain, "full"), []).append(target_ranks(target, scores))
+                    ranks.setdefault((g, split.name, domain, "sampled"), []).append(target_ranks(target, scores.gather(1, negatives)))
+
+    def mrrs(g: int, split: str) -> dict[str, dict[str, float]]:
+        return {
+            DOMAINS[d]: {p: float((1.0 / torch.cat(ranks[g, split, d, p]).double()).mean()) for p in ("sampled", "full")}
+            for d in (0, 1)
+            if (g, split, d, "full") in ranks
+        }
+
+    names = [split.name for split in splits]
+    out = [SequenceWeighting(label, other, merge, mrrs(g, names[0]), mrrs(g, names[-1])) for g, (label, other, merge) in enumerate(grid)]
+    return sorted(out, key=lambda row: -row.selection(selection_protocol))
