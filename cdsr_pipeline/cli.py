@@ -470,7 +470,7 @@ def cmd_towers(args: argparse.Namespace) -> int:
     for row in rows:
         name = run.domains.names[DOMAINS.index(row.domain)]
         share = "-" if row.top10_share is None else f"{row.top10_share:.3f}"
-        tower = "all (the run's ranking)" if row.tower == ALL_TOWERS else row.tower
+        tower = "all (the run's ranking)" if row.part == ALL_TOWERS else row.part
         print(f"| {name} | {tower} | {row.rows} | {100 * row.mrr_alone:.2f} | {share} |")
     if len(run.views) > 1:
         print("\nBy sequence (every tower's term of the view; w: its sequence weight for the target domain)")
@@ -479,11 +479,11 @@ def cmd_towers(args: argparse.Namespace) -> int:
         weights = run.model.summary["view_weights"]
         sequences = {"X": f"X ({run.domains.names[0]} items)", "Y": f"Y ({run.domains.names[1]} items)", "XY": "XY (merged)"}
         for row in views:
-            if row.view == ALL_TOWERS:
+            if row.part == ALL_TOWERS:
                 continue
             name = run.domains.names[DOMAINS.index(row.domain)]
             print(
-                f"| {name} | {sequences[row.view]} | {weights[name][row.view]:.2f} | {row.rows} | "
+                f"| {name} | {sequences[row.part]} | {weights[name][row.part]:.2f} | {row.rows} | "
                 f"{100 * row.mrr_alone:.2f} | {row.top10_share:.3f} |"
             )
     print("\nThe features alone, no training: items ranked by the cosine of their vector to the mean of the history's")

@@ -171,7 +171,7 @@ def test_towers_split_the_runs_ranking_and_together_give_its_evaluation(first_ru
     rows = tower_contributions(run.model, load_sequences(run.sequences, "test", max_len=run.max_len), run.domains)
     metrics = json.loads((folder / "metrics.json").read_text())["best_checkpoint"]["test"]
     for domain in "AB":
-        mine = {row.tower: row for row in rows if row.domain == domain}
+        mine = {row.part: row for row in rows if row.domain == domain}
         assert set(mine) == {*run.model.towers, "all"}
         # the towers' parts together rank exactly as the evaluation did
         assert mine["all"].mrr_alone == pytest.approx(metrics[domain]["full"]["mrr"], abs=1e-9)
@@ -179,7 +179,7 @@ def test_towers_split_the_runs_ranking_and_together_give_its_evaluation(first_ru
         assert all(0 < row.mrr_alone <= 1 for row in mine.values())
     views = view_contributions(run.model, load_sequences(run.sequences, "test", max_len=run.max_len), run.domains)
     for domain in "AB":
-        mine = {row.view: row for row in views if row.domain == domain}
+        mine = {row.part: row for row in views if row.domain == domain}
         assert set(mine) == {"X", "Y", "XY", "all"}
         assert mine["all"].mrr_alone == pytest.approx(metrics[domain]["full"]["mrr"], abs=1e-9)
         assert sum(row.top10_share for view, row in mine.items() if view != "all") == pytest.approx(1.0)
@@ -191,7 +191,7 @@ def test_towers_split_the_runs_ranking_and_together_give_its_evaluation(first_ru
     assert "The features alone, no training" in out and "| title text |" in out and "| tags |" in out
     assert main(["towers", "--storage", str(storage), "--run", "TEMA-LLM", "--json"]) == 0
     answer = json.loads(capsys.readouterr().out)
-    assert {(row["domain"], row["view"]) for row in answer["views"]} == {(d, v) for d in "AB" for v in ("X", "Y", "XY", "all")}
+    assert {(row["domain"], row["part"]) for row in answer["views"]} == {(d, v) for d in "AB" for v in ("X", "Y", "XY", "all")}
     alone = answer["features_alone"]
     assert {(row["domain"], row["feature"]) for row in alone} >= {(d, f) for d in "AB" for f in ("tex", "llm", "tag")}
     assert all(0 < row["mrr"] <= 1 for row in alone)

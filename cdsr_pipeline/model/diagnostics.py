@@ -71,9 +71,12 @@ class NoTowersError(ValueError):
 
 
 @dataclass(frozen=True)
-class TowerContribution:
+class Contribution:
+    """One part of a run's scores on one target domain: a tower, a sequence view (X: the
+    history's items of domain A, Y: of B, XY: both merged), or ALL_TOWERS (their sum)."""
+
     domain: str  # "A" or "B"
-    tower: str  # a tower's name, or ALL_TOWERS for the run's own scores
+    part: str
     rows: int
     mrr_alone: float
     top10_share: float | None  # None for ALL_TOWERS
@@ -85,40 +88,28 @@ class TowerContribution:
 @torch.no_grad()
 def tower_contributions(
     model: Recommender, arrays: SequenceArrays, domains: Domains, batch_size: int = 256
-) -> list[TowerContribution]:
+) -> list[Contribution]:
     """Per target domain: each tower's ``mrr_alone`` and ``top10_share``, then the ``all`` row."""
     if not hasattr(model, "tower_scores"):
         raise NoTowersError(f"{type(model).__name__} has no towers to tell apart")
-    return [TowerContribution(*row) for row in _contributions(model, model.tower_scores, arrays, domains, batch_size)]
-
-
-@dataclass(frozen=True)
-class ViewContribution:
-    domain: str  # "A" or "B"
-    view: str  # a sequence view (X: the history's items of domain A, Y: of B, XY: both merged), or ALL_TOWERS
-    rows: int
-    mrr_alone: float
-    top10_share: float | None  # None for ALL_TOWERS
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    return _contributions(model, model.tower_scores, arrays, domains, batch_size)
 
 
 @torch.no_grad()
 def view_contributions(
     model: Recommender, arrays: SequenceArrays, domains: Domains, batch_size: int = 256
-) -> list[ViewContribution]:
+) -> list[Contribution]:
     """:func:`tower_contributions` by sequence view instead of tower (every tower's part of
     the view summed): what the run learned from the history's items of each domain and
     from both merged, weighted by the sequence weights w_D."""
     if not hasattr(model, "view_scores"):
         raise NoTowersError(f"{type(model).__name__} has no sequence views to tell apart")
-    return [ViewContribution(*row) for row in _contributions(model, model.view_scores, arrays, domains, batch_size)]
+    return _contributions(model, model.view_scores, arrays, domains, batch_size)
 
 
-def _contributions(model, parts_of, arrays: SequenceArrays, domains: Domains, batch_size: int) -> list[tuple]:
-    """(domain, part, rows, mrr_alone, top10_share) of each part of the scores that
-    ``parts_of(batch)`` splits ``full_sort_predict`` into, then of their sum (``all``)."""
+def _contributions(model, parts_of, arrays: SequenceArrays, domains: Domains, batch_size: int) -> list[Contribution]:
+    """Each part of the scores that ``parts_of(batch)`` splits ``full_sort_predict`` into,
+    then their sum (``all``)."""
     model.eval()
     ranks: dict[tuple[int, str], list[np.ndarray]] = {}
     shares: dict[tuple[int, str], list[np.ndarray]] = {}
@@ -138,7 +129,7 @@ def _contributions(model, parts_of, arrays: SequenceArrays, domains: Domains, ba
     for (domain, name), parts_ranks in ranks.items():
         found = np.concatenate(parts_ranks)
         share = float(np.mean(np.concatenate(shares[domain, name]))) if name != ALL_TOWERS else None
-        out.append((DOMAINS[domain], name, int(found.size), float(np.mean(found)), share))
+        out.append(Contribution(DOMAINS[domain], name, int(found.size), float(np.mean(found)), share))
     return out
 
 
