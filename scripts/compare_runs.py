@@ -1,7 +1,8 @@
 """Compare the runs of two sources by name: a report's ``metrics.json`` (its ``runs``)
 or a storage's training cache (``<storage>/cache/training/*/metrics.json``). With one
 source, its finished runs alone (``--names``: these, in this order), for instance the
-rows of an ablation table whose asset has not finished every row yet.
+rows of an ablation table whose asset has not finished every row yet. Runs of a training
+cache that share a name are named by their cache folder (``tema-llm-<identity>``).
 
     python scripts/compare_runs.py results/llmcdsr-food-kitchen/metrics.json ~/cdsr-release/food-kitchen \\
         --labels "AMD EPYC" "Intel Xeon" --markdown
@@ -17,17 +18,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 
 def load_runs(source: Path) -> dict[str, dict]:
+    """Runs by name; in a training cache, runs that share a name (one asset's run trained
+    again under other settings: "TEMA-LLM" with another tau) by their cache folder's name
+    (``tema-llm-<identity>``), so that none hides another."""
     if source.is_file():
         return {run["name"]: run for run in json.loads(source.read_text())["runs"]}
-    runs = {}
-    for path in sorted((source / "cache" / "training").glob("*/metrics.json")):
-        metrics = json.loads(path.read_text())
-        runs[metrics["name"]] = metrics
-    return runs
+    found = [(path.parent.name, json.loads(path.read_text())) for path in sorted((source / "cache" / "training").glob("*/metrics.json"))]
+    names = Counter(metrics["name"] for _, metrics in found)
+    return {metrics["name"] if names[metrics["name"]] == 1 else folder: metrics for folder, metrics in found}
 
 
 def _row(metrics: dict) -> dict[str, float | int | str]:

@@ -58,3 +58,17 @@ def test_two_sources_give_both_values_and_the_difference(tmp_path):
     assert "| 3 / 5 |" in row and "| 20.00 / 22.00 (+2.00) |" in row
     assert "GRU4Rec" not in done.stdout
     assert _compare(tmp_path / "nowhere").returncode == 2
+
+
+def test_runs_of_a_storage_that_share_a_name_are_named_by_their_cache_folder(tmp_path):
+    storage = _storage(tmp_path / "s", _metrics("TEMA-LLM", 0.20), _metrics("TEMA-LLM", 0.24), _metrics("SASRec", 0.18))
+    done = _compare(storage, "--names", "run-1", "run-0", "SASRec")
+    assert done.returncode == 0, done.stderr
+    assert [line.split(" | ")[0] for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:] == [
+        "| run-1",
+        "| run-0",
+        "| SASRec",
+    ]
+    assert "| run-1 | Intel Xeon | 13 | 3 | 24.00 |" in done.stdout
+    ambiguous = _compare(storage, "--names", "TEMA-LLM")
+    assert ambiguous.returncode == 2 and "'run-0', 'run-1'" in ambiguous.stderr
