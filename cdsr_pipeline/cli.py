@@ -442,12 +442,12 @@ def cmd_towers(args: argparse.Namespace) -> int:
     run = load_run(find_run(_storage_root(args), args.run))
     arrays = load_sequences(run.sequences, args.split, max_len=run.max_len)
     try:
-        rows = tower_contributions(run.model, arrays, run.domains)
+        rows = tower_contributions(run.model, arrays, run.domains, progress=True)
     except NoTowersError as error:
         raise RecommendError(f"run {run.name}: {error}") from None
-    views = view_contributions(run.model, arrays, run.domains)
+    views = view_contributions(run.model, arrays, run.domains, progress=True)
     features = load_item_features(run.features, run.domains.num_items, {*DENSE_MODALITIES, "tag"})
-    content = content_similarity(features, arrays, run.domains)
+    content = content_similarity(features, arrays, run.domains, progress=True)
     if args.json:
         print(
             json.dumps(
@@ -516,7 +516,7 @@ def cmd_sequence_weights(args: argparse.Namespace) -> int:
         for name in ("valid", "test")
     ]
     try:
-        rows = sequence_weight_search(run.model, splits, run.domains, selection_protocol=config.selection_protocol)
+        rows = sequence_weight_search(run.model, splits, run.domains, selection_protocol=config.selection_protocol, progress=True)
     except (NoTowersError, ValueError) as error:
         raise RecommendError(f"run {run.name}: {error}") from None
     chosen = rows[0]

@@ -34,11 +34,12 @@ says; a feature at chance by itself says nothing a tower could learn about the n
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..data.schema import DOMAINS
 from .base import Recommender
@@ -66,6 +67,13 @@ def expected_reciprocal_ranks(scores: torch.Tensor, targets: torch.Tensor) -> to
     return (torch.digamma(higher + equal + 1) - torch.digamma(higher + 1)) / equal
 
 
+def _batches(
+    arrays: SequenceArrays, domains: Domains, batch_size: int, desc: str, progress: bool
+) -> Iterable[tuple[int, np.ndarray]]:
+    """The split's evaluation batches, behind a progress bar when asked (shown on a terminal only)."""
+    return tqdm(list(evaluation_batches(arrays, domains, batch_size)), desc=desc, leave=False, disable=None if progress else True)
+
+
 class NoTowersError(ValueError):
     """The run's model has no towers to tell apart (popularity)."""
 
@@ -87,34 +95,36 @@ class Contribution:
 
 @torch.no_grad()
 def tower_contributions(
-    model: Recommender, arrays: SequenceArrays, domains: Domains, batch_size: int = 256
+    model: Recommender, arrays: SequenceArrays, domains: Domains, batch_size: int = 256, progress: bool = False
 ) -> list[Contribution]:
     """Per target domain: each tower's ``mrr_alone`` and ``top10_share``, then the ``all`` row."""
     if not hasattr(model, "tower_scores"):
         raise NoTowersError(f"{type(model).__name__} has no towers to tell apart")
-    return _contributions(model, model.tower_scores, arrays, domains, batch_size)
+    return _contributions(model, model.tower_scores, arrays, domains, batch_size, "towers", progress)
 
 
 @torch.no_grad()
 def view_contributions(
-    model: Recommender, arrays: SequenceArrays, domains: Domains, batch_size: int = 256
+    model: Recommender, arrays: SequenceArrays, domains: Domains, batch_size: int = 256, progress: bool = False
 ) -> list[Contribution]:
     """:func:`tower_contributions` by sequence view instead of tower (every tower's part of
     the view summed): what the run learned from the history's items of each domain and
     from both merged, weighted by the sequence weights w_D."""
     if not hasattr(model, "view_scores"):
         raise NoTowersError(f"{type(model).__name__} has no sequence views to tell apart")
-    return _contributions(model, model.view_scores, arrays, domains, batch_size)
+    return _contributions(model, model.view_scores, arrays, domains, batch_size, "sequences", progress)
 
 
-def _contributions(model, parts_of, arrays: SequenceArrays, domains: Domains, batch_size: int) -> list[Contribution]:
+def _contributions(
+    model, parts_of, arrays: SequenceArrays, domains: Domains, batch_size: int, desc: str, progress: bool
+) -> list[Contribution]:
     """Each part of the scores that ``parts_of(batch)`` splits ``full_sort_predict`` into,
     then their sum (``all``)."""
     model.eval()
     ranks: dict[tuple[int, str], list[np.ndarray]] = {}
     shares: dict[tuple[int, str], list[np.ndarray]] = {}
     with model.fixed_weights():
-        for domain, rows in evaluation_batches(arrays, domains, batch_size):
+        for domain, rows in _batches(arrays, domains, batch_size, desc, progress):
             batch = make_batch(arrays, rows, domains, model.views)
             parts = {name: scores.float() for name, scores in parts_of(batch).items()}
             total = sum(parts.values())  # what evaluation ranks by (full_sort_predict)
@@ -162,14 +172,14 @@ def feature_vectors(features: ItemFeatures) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def content_similarity(
-    features: ItemFeatures, arrays: SequenceArrays, domains: Domains, batch_size: int = 256
+    features: ItemFeatures, arrays: SequenceArrays, domains: Domains, batch_size: int = 256, progress: bool = False
 ) -> list[ContentRanking]:
     """Per target domain and feature: the full-ranking MRR (ties broken at random) of the
     domain's items ranked by cosine to the mean unit vector of the history's items (every
     item of the history, either domain; items without the feature add nothing)."""
     vectors = feature_vectors(features)
     found: dict[tuple[int, str], list[np.ndarray]] = {}
-    for domain, rows in evaluation_batches(arrays, domains, batch_size):
+    for domain, rows in _batches(arrays, domains, batch_size, "features", progress):
         width = int(arrays.lengths[rows].max())
         history = torch.from_numpy(arrays.inputs[rows, :width])
         valid = (history >= 0).float()
@@ -218,6 +228,7 @@ def sequence_weight_search(
     merged: Sequence[float] = MERGED_WEIGHTS,
     selection_protocol: str = "sampled",
     batch_size: int = 256,
+    progress: bool = False,
 ) -> list[SequenceWeighting]:
     """The run's MRR (both protocols, every split) with its three sequences re-weighted at
     inference: the own domain's sequence 1, the other domain's ``other``, the merged
@@ -239,7 +250,7 @@ def sequence_weight_search(
     model.eval()
     with model.fixed_weights():
         for split in splits:
-            for domain, rows in evaluation_batches(split.arrays, domains, batch_size):
+            for domain, rows in _batches(split.arrays, domains, batch_size, f"sequence weights, {split.name}", progress):
                 batch = make_batch(split.arrays, rows, domains, model.views)
                 parts = model.view_scores(batch)
                 unweighted = torch.stack([parts[v].float() / trained[domain][i] for i, v in enumerate(VIEWS)])  # [3, E, N]
