@@ -358,24 +358,21 @@ class SequentialRecommender(Recommender):
             normaliser = torch.logaddexp(target_logits, rest[index])
         return (target_logits - normaliser).masked_fill(empty, uniform)
 
-    def _domain_probs(
-        self, k: int, batch: Batch, domain: int, queries: torch.Tensor, view: str | None = None
-    ) -> torch.Tensor:
+    def _domain_probs(self, k: int, batch: Batch, domain: int, queries: torch.Tensor, by_view: bool = False) -> torch.Tensor:
         """Inference: tower k's share of the score of every item of the domain, [E, N_D]:
         alpha_m sum_s w_D(s) P_m^s(i), the view's uniform 1/N_D where its prefix is empty;
-        only the term of sequence ``view`` when one is named.
+        with ``by_view``, each view's term on its own, [V, E, N_D] (they sum to it).
 
         Each query's softmax normaliser, view weight and alpha are folded into one row
-        scale of exp(logits), and each example's views are summed into its row in one
-        pass (``index_add_``): two passes over the [Q, N_D] logits after their product."""
+        scale of exp(logits), and each example's views are summed into its row (or each
+        view's into its own slot) in one pass (``index_add_``): two passes over the
+        [Q, N_D] logits after their product."""
         name = list(self.towers)[k]
         tower = self.towers[name]
         examples = batch.domains[domain]
         by_column = self._candidates_by_column(name, domain)
         size = by_column.shape[1]
         weights = self.view_weights[domain] * self.log_weights[k].exp()  # [V]
-        if view is not None:
-            weights = weights * torch.tensor([v == view for v in self.views], dtype=weights.dtype, device=weights.device)
         index = examples.example_query  # [V, E]
         present = index >= 0
         logits = (queries @ by_column).float()
@@ -385,14 +382,18 @@ class SequentialRecommender(Recommender):
         probs = logits.exp_()
         counts = torch.tensor([examples.query_rows[view].numel() for view in self.views], device=probs.device)
         probs.mul_((weights.repeat_interleave(counts) / probs.sum(dim=1))[:, None])
-        uniform = ((~present) * weights[:, None]).sum(dim=0) / size  # [E]: the empty views' share
-        out = uniform[:, None].expand(-1, size).contiguous()
-        sources, targets = index[present], torch.arange(index.shape[1], device=index.device).expand_as(index)[present]
+        empty = (~present) * weights[:, None]  # [V, E]: the weight of each empty view's uniform share
+        if by_view:  # slot v * E + e of a [V * E, N_D] block
+            uniform, slots = empty / size, torch.arange(index.numel(), device=index.device).view_as(index)
+        else:
+            uniform, slots = empty.sum(dim=0) / size, torch.arange(index.shape[1], device=index.device).expand_as(index)
+        out = uniform.reshape(-1, 1).expand(-1, size).contiguous()
+        sources, targets = index[present], slots[present]
         if sources.numel() == probs.shape[0]:  # every query read by one example: add in place, no gather
             out.index_add_(0, torch.empty_like(sources).scatter_(0, sources, targets), probs)
         else:  # a prefix shared by several examples
             out.index_add_(0, targets, probs[sources])
-        return out
+        return out.view(*uniform.shape, size)
 
     # -- contract --------------------------------------------------------------
 
@@ -425,11 +426,11 @@ class SequentialRecommender(Recommender):
         to it): sum_m alpha_m w_D(s) P_m^s(i), what a recommendation owes to the history's
         items of domain X, of domain Y, or to both merged."""
         domain = batch.target_domain
-        queries = {name: self._queries(name, batch, [domain])[0] for name in self.towers}
-        return {
-            view: sum(self._domain_probs(k, batch, domain, queries[name], view) for k, name in enumerate(self.towers))
-            for view in self.views
-        }
+        parts = sum(
+            self._domain_probs(k, batch, domain, self._queries(name, batch, [domain])[0], by_view=True)
+            for k, name in enumerate(self.towers)
+        )
+        return dict(zip(self.views, parts.unbind(0), strict=True))
 
     def tower_scores_by_domain(self, batch: Batch) -> dict[int, dict[str, torch.Tensor]]:
         """:meth:`tower_scores` of each target domain present in ``batch``, which may mix
